@@ -1,0 +1,1 @@
+"""guardrail: guard streaming LLM answers in flight."""

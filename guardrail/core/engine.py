@@ -1,0 +1,340 @@
+"""StreamGuard: one stream's rules, hold-back and release, driven by bytes in and outputs out.
+
+Theory of operation
+-------------------
+Bytes from the app go through the SSE decoder and the dialect, which splits each event's text
+into channels (a choice's content, refusal, tool-call arguments). Every channel has one checker
+per rule. After each piece of text, each checker returns a verdict: the offset before which it
+will never object (``safe``) and any final hits. The channel's *release frontier* is the least
+``safe`` of the rules that hold back; text before it goes to the client now, text after it is
+held. Hits are acted on in the order they start, once no rule can still find an earlier match
+(the hit starts before the frontier): ``log`` records, ``redact`` swaps the span for the
+replacement, ``abort`` and ``fallback`` release what comes before the hit and end the stream.
+
+An event whose text is released whole, unchanged and in the same delta goes out as its original
+bytes; anything held or changed is re-rendered by the dialect. Events without text pass through
+at once, except that a finish chunk or ``[DONE]`` first flushes the channels it ends, so text
+never moves after the event that closes it.
+
+After the guard has ended a stream, ``feed`` returns nothing: the shell stops the app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from guardrail.core.openai_chat import DIALECT, Channel, ChatRenderer, EventKind, ParsedEvent, parse
+from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Outcome, Output, Released, Send
+from guardrail.core.rule import Action, BoundRule, Checker, Hit, Verdict
+from guardrail.core.sse import SSEDecoder, SSEEvent
+from guardrail.exceptions import RuleError, SSEError
+
+# When two hits start at the same offset, the stronger action wins.
+_PRECEDENCE = {Action.ABORT: 0, Action.FALLBACK: 0, Action.REDACT: 1, Action.LOG: 2}
+
+
+class _Trip(Exception):
+    """Raised inside a channel when an abort or fallback hit becomes decisive."""
+
+    def __init__(self, rule: BoundRule, released: str) -> None:
+        self.rule = rule
+        self.released = released
+
+
+class _ChannelGuard:
+    """The rules, held text and release state of one channel."""
+
+    __slots__ = (
+        "channel",
+        "checkers",
+        "finished",
+        "held_since",
+        "hits",
+        "name",
+        "pending",
+        "received",
+        "redacted_until",
+        "released",
+        "safe",
+    )
+
+    def __init__(self, channel: Channel, rules: Sequence[BoundRule]) -> None:
+        self.channel = channel
+        self.name = str(channel)
+        self.checkers: list[tuple[BoundRule, Checker]] = [(rule, rule.rule.checker()) for rule in rules]
+        self.safe = [0] * len(self.checkers)
+        self.hits: list[tuple[Hit, BoundRule]] = []
+        self.pending = ""  # text from offset `released` on, not yet sent
+        self.received = 0
+        self.released = 0
+        self.redacted_until = -1
+        self.held_since: float | None = None
+        self.finished = False
+
+    def feed(self, text: str, *, final: bool, out: list[Output], now: float) -> str:
+        """Take ``text`` (and end the channel if ``final``); return the text to release now.
+
+        Raises:
+            _Trip: an abort or fallback hit is decisive; it carries the text released before it.
+            RuleError: a checker failed.
+        """
+        held_before = len(self.pending)
+        self.pending += text
+        self.received += len(text)
+        if final:
+            self.finished = True
+        frontier = self.received
+        for number, (rule, checker) in enumerate(self.checkers):
+            try:
+                verdict: Verdict = checker.finish() if final else checker.feed(text)
+            except Exception as exc:
+                raise RuleError(rule.name, f"{type(exc).__name__}: {exc}") from exc
+            if verdict.hits:
+                self.hits.extend((hit, rule) for hit in verdict.hits)
+            if rule.holdback and not final:
+                self.safe[number] = verdict.safe
+                frontier = min(frontier, verdict.safe)
+        released = self._release(frontier, out)
+        self._note_held(held_before, released, out, now)
+        return released
+
+    def _release(self, frontier: int, out: list[Output]) -> str:
+        parts: list[str] = []
+        if self.hits:
+            self.hits.sort(key=lambda item: (item[0].start, _PRECEDENCE[item[1].action]))
+            while self.hits and self.hits[0][0].start < frontier:
+                hit, rule = self.hits.pop(0)
+                self._act(hit, rule, parts, out)
+        if frontier > self.released:
+            parts.append(self._take(frontier))
+        return "".join(parts)
+
+    def _take(self, until: int) -> str:
+        count = until - self.released
+        text, self.pending = self.pending[:count], self.pending[count:]
+        self.released = until
+        return text
+
+    def _act(self, hit: Hit, rule: BoundRule, parts: list[str], out: list[Output]) -> None:
+        leaked = 0 if rule.holdback else max(0, min(hit.end, self.released) - hit.start)
+        out.append(Intervention(rule.name, rule.action, self.name, hit.start, hit.end, leaked, hit.detail))
+        if rule.action is Action.LOG:
+            return
+        if hit.start > self.released:
+            parts.append(self._take(hit.start))
+        if rule.action is not Action.REDACT:
+            raise _Trip(rule, "".join(parts))
+        if hit.end <= self.released:
+            return
+        # Overlapping redactions join into one replacement.
+        if not (hit.start < self.released and self.redacted_until == self.released):
+            parts.append(rule.replacement)
+        stop = min(hit.end, self.received)
+        self.pending = self.pending[stop - self.released :]
+        self.released = self.redacted_until = stop
+
+    def _note_held(self, held_before: int, released: str, out: list[Output], now: float) -> None:
+        if held_before and self.held_since is not None and released:
+            out.append(Released(min(held_before, len(released)), self.held_since))
+            self.held_since = None
+        if self.pending and self.held_since is None:
+            self.held_since = now
+
+
+class StreamGuard:
+    """Guards one OpenAI chat completion stream.
+
+    Feed it the response body as it arrives; send the ``Send`` outputs' bytes to the client
+    in order; when an ``Ended`` output appears, close the body and stop the app.
+
+    Args:
+        rules: the rules that apply to this stream.
+    """
+
+    dialect = DIALECT
+
+    def __init__(self, rules: Sequence[BoundRule]) -> None:
+        self._rules = tuple(rules)
+        self._decoder = SSEDecoder()
+        self._renderer = ChatRenderer()
+        self._channels: dict[Channel, _ChannelGuard] = {}
+        self._ended = False
+        self._reported_unknown = False
+        self.deltas = 0
+        self.first_text_at: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        """True once the guard has ended the stream (or seen it close)."""
+        return self._ended
+
+    def feed(self, data: bytes, now: float = 0.0) -> list[Output]:
+        """Take the next bytes of the body; return what to do about them, in order.
+
+        Never raises for bad input: malformed or oversized events and failing rules end the
+        stream with an in-dialect error event and an ``Anomaly``.
+        """
+        if self._ended:
+            return []
+        out: list[Output] = []
+        wire = bytearray()
+        try:
+            events = self._decoder.feed(data)
+        except SSEError as exc:
+            self._fail(AnomalyKind.OVERSIZED_EVENT, str(exc), "event_too_large", wire, out)
+            return self._flush(wire, out)
+        for event in events:
+            try:
+                self._handle(event, now, wire, out)
+            except _Trip as trip:
+                self._trip(trip, wire, out)
+            except RuleError as exc:
+                self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+            if self._ended:
+                break
+        return self._flush(wire, out)
+
+    def close(self, now: float = 0.0) -> list[Output]:
+        """The body is complete: release what is still held (if it is safe) and finish."""
+        if self._ended:
+            return []
+        out: list[Output] = []
+        wire = bytearray()
+        try:
+            self._decoder.close()
+        except SSEError:
+            pass  # already reported when it was raised
+        if self._decoder.discarded:
+            out.append(
+                Anomaly(
+                    AnomalyKind.UNTERMINATED_EVENT,
+                    f"{self._decoder.discarded} bytes after the last complete event were dropped",
+                    ended_stream=False,
+                )
+            )
+        try:
+            self._flush_channels(self._channels.values(), now, wire, out)
+        except _Trip as trip:
+            self._trip(trip, wire, out)
+        except RuleError as exc:
+            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+        if not self._ended:
+            self._ended = True
+            out.append(Ended(Outcome.COMPLETED))
+        return self._flush(wire, out)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _handle(self, event: SSEEvent, now: float, wire: bytearray, out: list[Output]) -> None:
+        parsed = parse(event)
+        kind = parsed.kind
+        if kind is EventKind.CHUNK:
+            self._renderer.observe(parsed)
+            self._handle_chunk(parsed, now, wire, out)
+        elif kind is EventKind.PASS:
+            self._renderer.observe(parsed)
+            wire += event.raw
+        elif kind is EventKind.DONE or kind is EventKind.ERROR:
+            self._flush_channels(self._channels.values(), now, wire, out)
+            wire += event.raw
+        elif kind is EventKind.UNKNOWN:
+            if not self._reported_unknown:
+                self._reported_unknown = True
+                out.append(Anomaly(AnomalyKind.UNKNOWN_EVENT, "an event that is not a chat completion chunk", False))
+            wire += event.raw
+        else:
+            self._fail(AnomalyKind.MALFORMED_EVENT, "an event whose data is not JSON", "malformed_event", wire, out)
+
+    def _handle_chunk(self, parsed: ParsedEvent, now: float, wire: bytearray, out: list[Output]) -> None:
+        texts: dict[int, str] = {}
+        whole = True
+        finishing = set(parsed.finished)
+        try:
+            for number, piece in enumerate(parsed.pieces):
+                channel = self._channel(piece.channel)
+                final = piece.channel.choice in finishing
+                released = channel.feed(piece.text, final=final, out=out, now=now)
+                self.deltas += 1
+                texts[number] = released
+                whole = whole and released == piece.text
+        except _Trip as trip:
+            texts[number] = trip.released
+            rewritten = self._renderer.rewrite(parsed, texts, keep_finish=False)
+            if rewritten is not None:
+                wire += rewritten
+            trip.released = ""
+            raise
+        if finishing:
+            fed = {piece.channel for piece in parsed.pieces}
+            closing = [c for c in self._channels.values() if c.channel.choice in finishing and c.channel not in fed]
+            self._flush_channels(closing, now, wire, out)
+        if whole:
+            wire += parsed.event.raw
+        else:
+            rewritten = self._renderer.rewrite(parsed, texts)
+            if rewritten is not None:
+                wire += rewritten
+        if self.first_text_at is None and any(texts.values()):
+            self.first_text_at = now
+
+    def _channel(self, channel: Channel) -> _ChannelGuard:
+        guard = self._channels.get(channel)
+        if guard is None or guard.finished:  # text after a finish starts the channel afresh
+            guard = self._channels[channel] = _ChannelGuard(channel, self._rules)
+        return guard
+
+    def _flush_channels(self, channels: Iterable[_ChannelGuard], now: float, wire: bytearray, out: list[Output]) -> None:
+        for channel in list(channels):
+            if channel.finished:
+                continue
+            try:
+                released = channel.feed("", final=True, out=out, now=now)
+            except _Trip as trip:
+                if trip.released:
+                    wire += self._renderer.text(channel.channel, trip.released)
+                    trip.released = ""
+                raise
+            if released:
+                wire += self._renderer.text(channel.channel, released)
+                if self.first_text_at is None:
+                    self.first_text_at = now
+
+    # -- endings --------------------------------------------------------------------------
+
+    def _trip(self, trip: _Trip, wire: bytearray, out: list[Output]) -> None:
+        rule = trip.rule
+        self._ended = True
+        fallback = rule.fallback
+        if rule.action is Action.FALLBACK and fallback is not None and fallback.url is not None:
+            out.append(Ended(Outcome.FALLBACK, rule.name, fallback))
+            return
+        if rule.action is Action.FALLBACK and fallback is not None and fallback.text is not None:
+            wire += self._renderer.fallback(fallback.text)
+            outcome = Outcome.FALLBACK
+        else:
+            wire += self._renderer.finish(_stop_reason(rule))
+            outcome = Outcome.ABORTED
+        wire += self._renderer.done()
+        out.append(Ended(outcome, rule.name))
+
+    def _fail(self, kind: AnomalyKind, detail: str, code: str, wire: bytearray, out: list[Output]) -> None:
+        self._ended = True
+        out.append(Anomaly(kind, detail, ended_stream=True))
+        wire += self._renderer.error(f"guardrail ended the stream: {detail}", type="guardrail_error", code=code)
+        outcome = Outcome.UPSTREAM_ERROR if kind is not AnomalyKind.RULE_ERROR else Outcome.ABORTED
+        out.append(Ended(outcome))
+
+    @staticmethod
+    def _flush(wire: bytearray, out: list[Output]) -> list[Output]:
+        if wire:
+            # Ended, if present, comes last: the bytes before it still go out.
+            if out and isinstance(out[-1], Ended):
+                out.insert(len(out) - 1, Send(bytes(wire)))
+            else:
+                out.append(Send(bytes(wire)))
+        return out
+
+
+def _stop_reason(rule: BoundRule) -> str:
+    reason = getattr(rule.rule, "stop_reason", "content_filter")
+    return reason if isinstance(reason, str) else "content_filter"

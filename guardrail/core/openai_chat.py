@@ -1,0 +1,228 @@
+"""The OpenAI Chat Completions stream: which events carry text, and how to write new ones.
+
+Text lives in three places per choice: ``delta.content``, ``delta.refusal`` and each tool
+call's ``function.arguments``; each is a channel of its own, guarded separately. Everything
+else (role chunks, finish chunks, usage chunks, comments, ``[DONE]``) carries no text and
+passes through. Events written by the guard reuse the stream's ``id``, ``created`` and
+``model`` (wire-formats §2.2, §8.2) and are serialised compactly with ``ensure_ascii`` so
+U+2028 and friends never reach a line-splitting client raw.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardrail.core.sse import SSEEvent, encode_event
+
+DIALECT = "openai_chat"
+_TEMPLATE_KEYS = ("id", "object", "created", "model", "system_fingerprint")
+
+
+class EventKind(enum.Enum):
+    PASS = "pass"  # no text: forward as is
+    UNKNOWN = "unknown"  # valid JSON, but not a chat completion chunk: forward as is
+    CHUNK = "chunk"  # a chunk with text pieces and/or finished choices
+    DONE = "done"  # data: [DONE]
+    ERROR = "error"  # an in-stream error object from the app or upstream
+    MALFORMED = "malformed"  # data that is not JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """Where text lives: ``choice``'s content, refusal, or the arguments of tool call ``tool``."""
+
+    choice: int
+    kind: str  # "content" | "refusal" | "arguments"
+    tool: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "arguments":
+            return f"choices[{self.choice}].tool_calls[{self.tool}].function.arguments"
+        return f"choices[{self.choice}].{self.kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One channel's text in one chunk, with where it sits in the chunk's JSON."""
+
+    channel: Channel
+    text: str
+    where: tuple[int, ...]  # (choice position) or (choice position, tool call position)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedEvent:
+    kind: EventKind
+    event: SSEEvent
+    pieces: tuple[Piece, ...] = ()
+    finished: tuple[int, ...] = ()  # choice indexes whose finish_reason is set
+    obj: dict[str, Any] | None = field(default=None, compare=False)
+
+
+def _pieces_of(choice_pos: int, index: int, delta: Mapping[str, Any]) -> Iterable[Piece]:
+    content = delta.get("content")
+    if isinstance(content, str) and content:
+        yield Piece(Channel(index, "content"), content, (choice_pos,))
+    refusal = delta.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        yield Piece(Channel(index, "refusal"), refusal, (choice_pos,))
+    tool_calls = delta.get("tool_calls")
+    if isinstance(tool_calls, list):
+        for tool_pos, call in enumerate(tool_calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str) and arguments:
+                tool = call.get("index", tool_pos)
+                yield Piece(Channel(index, "arguments", tool if isinstance(tool, int) else tool_pos), arguments, (choice_pos, tool_pos))
+
+
+def parse(event: SSEEvent) -> ParsedEvent:
+    """Classify one SSE event of an OpenAI chat stream and find its text."""
+    data = event.data
+    if data is None:
+        return ParsedEvent(EventKind.PASS, event)
+    if data.startswith("[DONE]"):  # the SDK's own test
+        return ParsedEvent(EventKind.DONE, event)
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return ParsedEvent(EventKind.MALFORMED, event)
+    if not isinstance(obj, dict):
+        return ParsedEvent(EventKind.UNKNOWN, event)
+    if obj.get("error"):
+        return ParsedEvent(EventKind.ERROR, event, obj=obj)
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return ParsedEvent(EventKind.UNKNOWN, event, obj=obj)
+    pieces: list[Piece] = []
+    finished: list[int] = []
+    for pos, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index", pos)
+        if not isinstance(index, int):
+            index = pos
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            pieces.extend(_pieces_of(pos, index, delta))
+        if choice.get("finish_reason") is not None:
+            finished.append(index)
+    if not pieces and not finished:
+        return ParsedEvent(EventKind.PASS, event, obj=obj)
+    return ParsedEvent(EventKind.CHUNK, event, tuple(pieces), tuple(finished), obj)
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+
+
+class ChatRenderer:
+    """Writes events for one stream, reusing the identity (``id``, ``created``, ``model``) of its chunks."""
+
+    def __init__(self) -> None:
+        self.template: dict[str, Any] = {"object": "chat.completion.chunk"}
+        self._has_identity = False
+        self.open_choices: dict[int, None] = {}  # insertion-ordered set
+
+    def observe(self, parsed: ParsedEvent) -> None:
+        """Learn the stream's identity and which choices are open from an incoming chunk."""
+        obj = parsed.obj
+        if obj is None or parsed.kind is not EventKind.CHUNK and parsed.kind is not EventKind.PASS:
+            return
+        if not self._has_identity and obj.get("id"):
+            self.template = {key: obj[key] for key in _TEMPLATE_KEYS if key in obj}
+            self.template.setdefault("object", "chat.completion.chunk")
+            self._has_identity = True
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for pos, choice in enumerate(choices):
+                if isinstance(choice, dict):
+                    index = choice.get("index", pos)
+                    self.open_choices[index if isinstance(index, int) else pos] = None
+        for index in parsed.finished:
+            self.open_choices.pop(index, None)
+
+    def _chunk(self, choice: dict[str, Any]) -> bytes:
+        return encode_event(_dumps({**self.template, "choices": [choice]}))
+
+    def text(self, channel: Channel, text: str) -> bytes:
+        """A chunk carrying ``text`` on ``channel``."""
+        if channel.kind == "arguments":
+            delta: dict[str, Any] = {"tool_calls": [{"index": channel.tool, "function": {"arguments": text}}]}
+        else:
+            delta = {channel.kind: text}
+        return self._chunk({"index": channel.choice, "delta": delta, "logprobs": None, "finish_reason": None})
+
+    def finish(self, reason: str) -> bytes:
+        """Finish chunks, one per open choice (wire-formats §8.2), with ``reason``."""
+        choices = list(self.open_choices) or [0]
+        self.open_choices.clear()
+        return b"".join(
+            self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}) for index in choices
+        )
+
+    def fallback(self, text: str) -> bytes:
+        """``text`` on the content channel of every open choice, then finish them with ``stop``."""
+        choices = list(self.open_choices) or [0]
+        chunks = [self.text(Channel(index, "content"), text) for index in choices]
+        return b"".join(chunks) + self.finish("stop")
+
+    def rewrite(self, parsed: ParsedEvent, texts: Mapping[int, str], *, keep_finish: bool = True) -> bytes | None:
+        """``parsed`` with piece ``i``'s text replaced by ``texts[i]``; None if nothing is left to send."""
+        assert parsed.obj is not None
+        obj = copy.deepcopy(parsed.obj)
+        choices = obj["choices"]
+        for number, piece in enumerate(parsed.pieces):
+            text = texts.get(number, "")
+            delta = choices[piece.where[0]]["delta"]
+            if piece.channel.kind == "arguments":
+                delta["tool_calls"][piece.where[1]]["function"]["arguments"] = text
+            else:
+                delta[piece.channel.kind] = text
+        if not keep_finish:
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                    choice["finish_reason"] = None
+        if not any(_carries_something(choice) for choice in choices) and not obj.get("usage"):
+            return None
+        return encode_event(_dumps(obj))
+
+    @staticmethod
+    def done() -> bytes:
+        return encode_event("[DONE]")
+
+    @staticmethod
+    def error(message: str, *, type: str, code: str) -> bytes:
+        """An in-stream error object: the openai SDK raises ``APIError`` with this message and code."""
+        return encode_event(_dumps({"error": {"message": message, "type": type, "param": None, "code": code}}))
+
+
+def _carries_something(choice: object) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    if choice.get("finish_reason") is not None:
+        return True
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return False
+    for key, value in delta.items():
+        if key == "tool_calls" and isinstance(value, list):
+            if any(_call_carries_something(call) for call in value):
+                return True
+        elif value not in (None, ""):
+            return True
+    return False
+
+
+def _call_carries_something(call: object) -> bool:
+    if not isinstance(call, dict):
+        return False
+    if call.get("id") or call.get("type"):
+        return True
+    function = call.get("function")
+    return isinstance(function, dict) and any(value not in (None, "") for value in function.values())

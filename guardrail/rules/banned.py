@@ -1,0 +1,219 @@
+"""The ``banned_patterns`` rule: regexes and phrases that must never reach the client.
+
+Hold-back is sized by partial matching (the ``regex`` module's ``partial=True``): after each
+piece of text, the earliest position where a match has started but not finished is where the
+rule's safe prefix ends. Everything before it is released at once; ordinary text that cannot
+start a match is never held. Each scan resumes at that position, so no text is scanned twice
+except a pending partial match, and per-delta cost does not grow with the stream's length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import regex
+
+from guardrail.core.rule import Hit, Verdict
+
+# Regexes run inside the event loop, after every delta: a pathological pattern must not stall
+# every stream on the process. 50 ms is ~1000x the cost of an ordinary scan.
+PATTERN_TIMEOUT_SECONDS = 0.05
+
+# Characters kept before the scan position so that \b, (?<!\w) and short lookbehinds see the
+# text they need. Lookbehinds reaching further back than this see a truncated string.
+LOOKBEHIND_CHARS = 64
+
+# A match counts as final only once this many characters follow it (or the text has ended):
+# a full match at the very end of the text may still change with more text ("password" then
+# "s", a greedy "{20,}" that keeps growing, a lookahead like (?!\w) satisfied by end-of-text).
+LOOKAHEAD_CHARS = 8
+
+# A potential match held longer than this is treated as a match (failing closed), which bounds
+# both memory and the cost of re-matching it on every delta. 8 KiB holds a PEM block of a
+# 4096-bit RSA key (about 3.3 KB) with room to spare.
+MAX_MATCH_CHARS = 8192
+
+_LEADING_FLAGS = regex.compile(r"\A\(\?([imsx]+)\)")
+_NUMBERED_BACKREFERENCE = regex.compile(r"\\[1-9]|\\g<\d+>")
+_WORD_CHAR = regex.compile(r"\w")
+
+
+def compile_pattern(pattern: str) -> None:
+    """Check that ``pattern`` can be used in ``patterns``.
+
+    Raises:
+        ValueError: the pattern does not compile, or it matches the empty string.
+    """
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+    if compiled.search("") is not None:
+        raise ValueError(f"pattern {pattern!r} matches the empty string, so it would match everywhere")
+
+
+def phrase_pattern(phrase: str) -> str:
+    """The regex for a literal phrase: case-insensitive, word-bounded, any whitespace between words.
+
+    Raises:
+        ValueError: the phrase is empty or only whitespace.
+    """
+    words = phrase.split()
+    if not words:
+        raise ValueError("phrase is empty")
+    body = r"\s+".join(regex.escape(word) for word in words)
+    # Bound only the edges made of word characters: "@admin" should still match "to @admin".
+    left = r"(?<!\w)" if _WORD_CHAR.match(words[0][0]) else ""
+    right = r"(?!\w)" if _WORD_CHAR.match(words[-1][-1]) else ""
+    return f"(?i:{left}{body}{right})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Searcher:
+    """One compiled regex and the label of each alternative it combines."""
+
+    pattern: regex.Pattern[str]
+    labels: tuple[str, ...]
+
+    def label(self, match: regex.Match[str]) -> str:
+        if len(self.labels) == 1:
+            return self.labels[0]
+        for index, label in enumerate(self.labels):
+            if match.group(f"guardrail_alt_{index}") is not None:
+                return label
+        return self.labels[0]
+
+
+def _scoped(pattern: str) -> str | None:
+    """``pattern`` rewritten to combine safely with others, or None if it must stand alone."""
+    if _NUMBERED_BACKREFERENCE.search(pattern):
+        return None  # group numbers shift inside a combined pattern
+    leading = _LEADING_FLAGS.match(pattern)
+    if leading:
+        pattern = f"(?{leading.group(1)}:{pattern[leading.end() :]})"
+    if "(?" in pattern and regex.search(r"\(\?[a-zA-Z]+\)", pattern):
+        return None  # a global flag further in would apply to every alternative
+    return pattern
+
+
+def _build_searchers(alternatives: Sequence[tuple[str, str]]) -> tuple[_Searcher, ...]:
+    combinable: list[tuple[str, str]] = []
+    alone: list[_Searcher] = []
+    for source, label in alternatives:
+        scoped = _scoped(source)
+        if scoped is None:
+            alone.append(_Searcher(regex.compile(source), (label,)))
+        else:
+            combinable.append((scoped, label))
+    if len(combinable) == 1:
+        return (_Searcher(regex.compile(combinable[0][0]), (combinable[0][1],)), *alone)
+    if combinable:
+        joined = "|".join(f"(?P<guardrail_alt_{i}>{source})" for i, (source, _) in enumerate(combinable))
+        try:
+            combined = _Searcher(regex.compile(joined), tuple(label for _, label in combinable))
+        except regex.error:
+            # e.g. two patterns defining the same group name: keep them apart.
+            return (*(_Searcher(regex.compile(s), (label,)) for s, label in combinable), *alone)
+        return (combined, *alone)
+    return tuple(alone)
+
+
+class BannedPatterns:
+    """Text matching any of ``patterns`` (regex-module syntax) or ``phrases`` is banned.
+
+    Args:
+        patterns: regular expressions, compiled once here.
+        phrases: literal phrases, matched case-insensitively on word boundaries; a run of
+            whitespace in a phrase matches any run of whitespace in the text.
+        timeout: seconds one search may run before the rule fails (and the guard fails closed).
+
+    Raises:
+        ValueError: a pattern is invalid or matches the empty string, a phrase is empty, or
+            both lists are empty.
+    """
+
+    def __init__(
+        self,
+        *,
+        patterns: Sequence[str] = (),
+        phrases: Sequence[str] = (),
+        timeout: float = PATTERN_TIMEOUT_SECONDS,
+    ) -> None:
+        if not patterns and not phrases:
+            raise ValueError("banned_patterns needs at least one pattern or phrase")
+        for pattern in patterns:
+            compile_pattern(pattern)
+        alternatives = [(p, f"pattern {p!r}") for p in patterns]
+        alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases]
+        self._searchers = _build_searchers(alternatives)
+        self._timeout = timeout
+
+    def checker(self) -> BannedPatternsChecker:
+        """A fresh checker for one channel of one stream."""
+        return BannedPatternsChecker(self._searchers, self._timeout)
+
+
+class BannedPatternsChecker:
+    """Per-channel scan state: the unscanned tail of the text and where the next scan starts."""
+
+    __slots__ = ("_base", "_scan", "_searchers", "_tail", "_timeout")
+
+    def __init__(self, searchers: tuple[_Searcher, ...], timeout: float) -> None:
+        self._searchers = searchers
+        self._timeout = timeout
+        self._tail = ""  # the text from offset _base on
+        self._base = 0
+        self._scan = 0  # no match can start before this offset, apart from hits already reported
+
+    def feed(self, text: str) -> Verdict:
+        """Scan the channel's next piece of text."""
+        self._tail += text
+        return self._scan_tail(final=False)
+
+    def finish(self) -> Verdict:
+        """The text is complete: pending partial matches either match now or never will."""
+        return self._scan_tail(final=True)
+
+    def _earliest(self, pos: int, final: bool) -> tuple[regex.Match[str], _Searcher] | None:
+        best: tuple[regex.Match[str], _Searcher] | None = None
+        for searcher in self._searchers:
+            try:
+                match = searcher.pattern.search(self._tail, pos, partial=not final, timeout=self._timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"{searcher.labels[0] if len(searcher.labels) == 1 else 'patterns'} "
+                    f"took over {self._timeout * 1000:.0f} ms on {len(self._tail) - pos} characters"
+                ) from None
+            if match is not None and (best is None or match.start() < best[0].start()):
+                best = (match, searcher)
+        return best
+
+    def _scan_tail(self, *, final: bool) -> Verdict:
+        hits: list[Hit] = []
+        end = len(self._tail)
+        pos = self._scan - self._base
+        while pos < end:
+            found = self._earliest(pos, final)
+            if found is None:
+                pos = end
+                break
+            match, searcher = found
+            start, stop = match.span()
+            pending = match.partial or (not final and stop + LOOKAHEAD_CHARS > end)
+            if pending and end - start <= MAX_MATCH_CHARS:
+                pos = start
+                break
+            if pending:
+                stop = end  # held too long: fail closed, treat what is held as the match
+            elif stop == start:
+                pos = start + 1  # a zero-width match bans nothing
+                continue
+            hits.append(Hit(self._base + start, self._base + stop, searcher.label(match)))
+            pos = stop
+        self._scan = self._base + pos
+        cut = max(0, pos - LOOKBEHIND_CHARS)
+        if cut:
+            self._tail = self._tail[cut:]
+            self._base += cut
+        return Verdict(self._scan, tuple(hits))
