@@ -49,20 +49,21 @@ class _ChannelGuard:
         "checkers",
         "finished",
         "held_since",
+        "holds",
         "hits",
         "name",
         "pending",
         "received",
         "redacted_until",
         "released",
-        "safe",
     )
 
     def __init__(self, channel: Channel, rules: Sequence[BoundRule]) -> None:
         self.channel = channel
         self.name = str(channel)
         self.checkers: list[tuple[BoundRule, Checker]] = [(rule, rule.rule.checker()) for rule in rules]
-        self.safe = [0] * len(self.checkers)
+        # Shadow-mode (log) rules never hold text back: they must not change what the client sees, or when.
+        self.holds = [rule.holdback and rule.action is not Action.LOG for rule in rules]
         self.hits: list[tuple[Hit, BoundRule]] = []
         self.pending = ""  # text from offset `released` on, not yet sent
         self.received = 0
@@ -91,8 +92,7 @@ class _ChannelGuard:
                 raise RuleError(rule.name, f"{type(exc).__name__}: {exc}") from exc
             if verdict.hits:
                 self.hits.extend((hit, rule) for hit in verdict.hits)
-            if rule.holdback and not final:
-                self.safe[number] = verdict.safe
+            if self.holds[number] and not final:
                 frontier = min(frontier, verdict.safe)
         released = self._release(frontier, out)
         self._note_held(held_before, released, out, now)
@@ -116,7 +116,7 @@ class _ChannelGuard:
         return text
 
     def _act(self, hit: Hit, rule: BoundRule, parts: list[str], out: list[Output]) -> None:
-        leaked = 0 if rule.holdback else max(0, min(hit.end, self.released) - hit.start)
+        leaked = 0 if rule.holdback or rule.action is Action.LOG else max(0, min(hit.end, self.released) - hit.start)
         out.append(Intervention(rule.name, rule.action, self.name, hit.start, hit.end, leaked, hit.detail))
         if rule.action is Action.LOG:
             return
