@@ -201,7 +201,8 @@ class StreamGuard:
         out: list[Output] = []
         wire = bytearray()
         try:
-            self._decoder.close()
+            for event in self._decoder.close():
+                wire += event.raw  # only ever the LF of a CRLF split across the last chunks
         except SSEError:
             pass  # already reported when it was raised
         if self._decoder.discarded:
