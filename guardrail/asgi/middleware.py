@@ -67,7 +67,7 @@ class _GuardedResponse:
         self.downstream = send
         self.guard: StreamGuard | None = None
         self.closed = False  # the body has been completed towards the client
-        self.send_lock = anyio.Lock()
+        self.send_lock = anyio.Lock(fast_acquire=True)  # no trip through the event loop when uncontended
         self.app_scope = anyio.CancelScope()
 
     async def run(self, scope: Scope, receive: Receive) -> None:
