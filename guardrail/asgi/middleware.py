@@ -1,31 +1,43 @@
 """GuardrailMiddleware: pure ASGI, one :class:`~guardrail.core.engine.StreamGuard` per guarded stream.
 
 The middleware instance is immutable after ``__init__``; everything about one request lives in
-a :class:`_GuardedResponse`. The app runs in the request's own task (context variables keep
-working) inside a cancel scope: when the guard ends a stream early, the ending goes out with
-``more_body: False`` and then the scope is cancelled, so the app's generators are closed and
-an upstream model behind it stops generating.
+a :class:`_GuardedResponse`. Concurrency, per request:
+
+    request task ── reads the request body, then runs the app in a cancel scope
+      └─ task group beside it:
+           ├─ deadline watcher: sleeps until the guard's next deadline, then calls expire()
+           └─ disconnect listener: owns the server's receive once the body is read
+
+Whoever ends the stream first wins: the guard (a rule tripped, a deadline passed), the client
+(it went away) or the app (it finished or failed). Every send goes through one lock. When the
+guard ends a stream early, its ending goes out with ``more_body: False`` and then the app's
+scope is cancelled, so the app's generators close and an upstream model behind it stops.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 
 import anyio
 
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
+from guardrail.asgi.record import RuleHit, StreamRecord, log_record
+from guardrail.asgi.request import ChatRequest, read_request
 from guardrail.config import RuleSet, load_rules
 from guardrail.core.engine import StreamGuard
-from guardrail.core.outputs import Anomaly, Ended, Intervention, Outcome, Output
+from guardrail.core.outputs import Anomaly, Ended, Intervention, Outcome, Output, Released
 from guardrail.core.outputs import Send as SendBytes
 from guardrail.core.rule import BoundRule
+from guardrail.metrics import GuardMetrics
 
 logger = logging.getLogger(__name__)
 
 RuleSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | RuleSet
+RecordCallback = Callable[[StreamRecord], None]
 
 # Only SSE bodies are guarded; an encoded body would need decoding first, so the middleware
 # must sit inside any compression middleware (Starlette's GZip already skips event streams).
@@ -38,14 +50,31 @@ class GuardrailMiddleware:
     Args:
         app: the ASGI app to wrap.
         rules: a rule file path, a list of paths, or a loaded :class:`~guardrail.config.RuleSet`.
+        metrics: where to count; by default a :class:`~guardrail.metrics.GuardMetrics` on
+            prometheus_client's default registry.
+        on_record: called with the :class:`~guardrail.asgi.record.StreamRecord` of every
+            guarded stream when it ends (the record is also logged to ``guardrail.record``).
+        record_text: put the text the client received into the record.
 
     Raises:
         ConfigError: a rule file is invalid (every problem is listed, with file and line).
     """
 
-    def __init__(self, app: ASGIApp, *, rules: RuleSource) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        rules: RuleSource,
+        metrics: GuardMetrics | None = None,
+        on_record: RecordCallback | None = None,
+        record_text: bool = False,
+    ) -> None:
         self.app = app
         self.rules = load_rules(rules)
+        self.metrics = metrics if metrics is not None else GuardMetrics()
+        self.metrics.declare_rules({rule.name: rule.action for rule in self.rules.rules})
+        self.on_record = on_record
+        self.record_text = record_text
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,40 +84,100 @@ class GuardrailMiddleware:
         if not rules:
             await self.app(scope, receive, send)
             return
-        await _GuardedResponse(self.app, rules, send).run(scope, receive)
+        await _GuardedResponse(self, rules, scope, send).run(receive)
 
 
 class _GuardedResponse:
     """One request's guard: decides at ``http.response.start`` whether the body is a stream to guard."""
 
-    def __init__(self, app: ASGIApp, rules: tuple[BoundRule, ...], send: Send) -> None:
-        self.app = app
+    def __init__(self, middleware: GuardrailMiddleware, rules: tuple[BoundRule, ...], scope: Scope, send: Send) -> None:
+        self.middleware = middleware
+        self.metrics = middleware.metrics
         self.rules = rules
+        self.scope = scope
         self.downstream = send
+        self.start = anyio.current_time()
+        self.request = ChatRequest()
         self.guard: StreamGuard | None = None
+        self.response_started = False
         self.closed = False  # the body has been completed towards the client
+        self.outcome: Outcome | None = None
         self.send_lock = anyio.Lock(fast_acquire=True)  # no trip through the event loop when uncontended
         self.app_scope = anyio.CancelScope()
+        self.replay: list[Message] = []
+        self.client_gone = anyio.Event()
+        self.armed = anyio.Event()  # set when a guard with deadlines appears
+        self.record: StreamRecord | None = None
+        self.texts: dict[str, str] = {}
 
-    async def run(self, scope: Scope, receive: Receive) -> None:
-        with self.app_scope:
-            await self.app(scope, receive, self.send)
+    async def run(self, receive: Receive) -> None:
+        self.request, self.replay, whole = await read_request(receive)
+        if self.request.stream:
+            self._arm()  # first-token limits count from the request, before any response
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._watch_deadlines)
+            if whole:
+                tasks.start_soon(self._listen_for_disconnect, receive)
+            app_receive = self._receive_for_app if whole else self._receive_then(receive)
+            try:
+                with self.app_scope:
+                    await self.middleware.app(self.scope, app_receive, self.send)
+                await self._app_returned()
+            except Exception as exc:
+                await self._app_failed(exc)
+            finally:
+                tasks.cancel_scope.cancel()
+        self._finish()
+
+    # -- receive ----------------------------------------------------------------------------
+
+    async def _receive_for_app(self) -> Message:
+        if self.replay:
+            return self.replay.pop(0)
+        await self.client_gone.wait()
+        return {"type": "http.disconnect"}
+
+    def _receive_then(self, receive: Receive) -> Receive:
+        async def replay_then_receive() -> Message:
+            if self.replay:
+                return self.replay.pop(0)
+            return await receive()
+
+        return replay_then_receive
+
+    async def _listen_for_disconnect(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._client_went_away()
+                return
+
+    def _client_went_away(self) -> None:
+        self.client_gone.set()
+        if not self.closed:
+            self.closed = True
+            self._settle(Outcome.CLIENT_DISCONNECTED)
+            self.app_scope.cancel()
+
+    # -- send -------------------------------------------------------------------------------
 
     async def send(self, message: Message) -> None:
         if self.closed:
-            # The guard ended the body; the app is being cancelled. Nothing more goes out.
+            # The stream has ended; the app is being cancelled. Nothing more goes out.
             await anyio.lowlevel.checkpoint()
             return
         message_type = message["type"]
         if message_type == "http.response.start":
             message = self._start(message)
         elif message_type == "http.response.body" and self.guard is not None:
-            await self._body(message)
+            async with self.send_lock:
+                await self._body(message)
             return
         async with self.send_lock:
             await self.downstream(message)
 
     def _start(self, message: Message) -> Message:
+        self.response_started = True
         headers: list[tuple[bytes, bytes]] = list(message.get("headers", []))
         content_type = b""
         encoded = False
@@ -99,43 +188,169 @@ class _GuardedResponse:
             elif lowered == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 encoded = True
         if content_type != GUARDED_CONTENT_TYPE or encoded:
+            self.guard = None  # not a stream: nothing to guard, no deadlines
             return message
-        self.guard = StreamGuard(self.rules)
+        self._arm()
+        self.metrics.stream_started(StreamGuard.dialect)
         # The guard may change the body, so a length announced by the app would be wrong.
         headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
         return {**message, "headers": headers}
 
+    def _arm(self) -> None:
+        if self.guard is None:
+            identity = {"id": f"chatcmpl-guardrail-{uuid.uuid4().hex[:24]}", "created": int(self.start)}
+            if self.request.model:
+                identity["model"] = self.request.model
+            self.guard = StreamGuard(self.rules, start=self.start, identity=identity)
+            self.record = StreamRecord(
+                request_id=self._request_id(), path=self.scope.get("path", ""), dialect=StreamGuard.dialect
+            )
+            self.record.model = self.request.model
+            self.armed.set()
+
+    def _request_id(self) -> str:
+        for name, value in self.scope.get("headers", []):
+            if name.lower() == b"x-request-id":
+                return str(value.decode("latin-1"))[:128]
+        return uuid.uuid4().hex
+
     async def _body(self, message: Message) -> None:
-        assert self.guard is not None
-        now = time.monotonic()
+        """Guard one body message (called with the send lock held)."""
+        guard = self.guard
+        assert guard is not None
+        now = anyio.current_time()
         more_body = bool(message.get("more_body", False))
-        outputs = self.guard.feed(message.get("body", b""), now)
-        if not more_body and not self.guard.ended:
-            outputs += self.guard.close(now)
-        data, ended = self._handle(outputs)
-        if ended:
+        deltas = guard.deltas
+        outputs = guard.feed(message.get("body", b""), now)
+        if not more_body and not guard.ended:
+            outputs += guard.close(now)
+        if guard.deltas > deltas:
+            self.metrics.delta(StreamGuard.dialect, anyio.current_time() - now, guard.deltas - deltas)
+        await self._emit(outputs, more_body=more_body)
+
+    async def _emit(self, outputs: list[Output], *, more_body: bool) -> None:
+        """Send what the guard produced; end the body and stop the app if it ended the stream."""
+        data, ended = self._digest(outputs)
+        if ended is not None:
             more_body = False
-        if data or not more_body:
-            async with self.send_lock:
+        try:
+            if not self.response_started:
+                # A deadline passed before the app started its response: answer in its place.
+                self.response_started = True
+                headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]
+                await self.downstream({"type": "http.response.start", "status": 200, "headers": headers})
+                self.metrics.stream_started(StreamGuard.dialect)
+            if data or not more_body:
                 await self.downstream({"type": "http.response.body", "body": data, "more_body": more_body})
+        except OSError:
+            self._client_went_away()
+            return
         if not more_body:
             self.closed = True
-        if ended is not None and ended.outcome is not Outcome.COMPLETED:
-            # Stop the app at its next checkpoint: its generators close, upstream generation stops.
-            self.app_scope.cancel()
+        if ended is not None:
+            self._settle(ended.outcome)
+            if ended.outcome is not Outcome.COMPLETED:
+                # Stop the app at its next checkpoint: its generators close, upstream generation stops.
+                self.app_scope.cancel()
 
-    def _handle(self, outputs: list[Output]) -> tuple[bytes, Ended | None]:
+    def _digest(self, outputs: list[Output]) -> tuple[bytes, Ended | None]:
         data = b""
         ended: Ended | None = None
         for output in outputs:
             if isinstance(output, SendBytes):
                 data += output.data
             elif isinstance(output, Intervention):
-                logger.info(
-                    "rule %s (%s) fired on %s at %d-%d", output.rule, output.action, output.channel, output.start, output.end
-                )
+                self._intervened(output)
+            elif isinstance(output, Released):
+                self.metrics.held(output.chars, anyio.current_time() - output.held_since)
             elif isinstance(output, Anomaly):
+                self.metrics.anomaly(output.kind)
                 logger.warning("stream anomaly %s: %s (stream ended: %s)", output.kind, output.detail, output.ended_stream)
             elif isinstance(output, Ended):
                 ended = output
         return data, ended
+
+    def _intervened(self, hit: Intervention) -> None:
+        self.metrics.intervention(hit.rule, hit.action, leaked_chars=hit.leaked)
+        logger.info("rule %s (%s) fired on %s at %d-%d: %s", hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail)
+        if self.record is not None:
+            self.record.hits.append(RuleHit(hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail))
+
+    # -- deadlines --------------------------------------------------------------------------
+
+    async def _watch_deadlines(self) -> None:
+        await self.armed.wait()
+        while not self.closed:
+            guard = self.guard
+            deadline = guard.deadline if guard is not None else None
+            if guard is None or deadline is None:
+                return  # nothing can expire any more: the guard is gone or has ended
+            await anyio.sleep_until(deadline)
+            async with self.send_lock:
+                if self.guard is guard and not self.closed:
+                    await self._emit(guard.expire(anyio.current_time()), more_body=True)
+
+    # -- endings ----------------------------------------------------------------------------
+
+    async def _app_returned(self) -> None:
+        if self.guard is not None and self.response_started and not self.closed and not self.guard.ended:
+            # The app returned without completing its body: finish it cleanly rather than let the
+            # server cut the connection (which clients report as a network error).
+            async with self.send_lock:
+                await self._emit(self.guard.close(anyio.current_time()), more_body=False)
+
+    async def _app_failed(self, exc: Exception) -> None:
+        if self.closed:
+            logger.debug("app raised after its stream ended: %r", exc)
+            return
+        if self.response_started and self.guard is None:
+            raise exc  # not a guarded stream: not ours to mend
+        logger.error("app failed while streaming %s", self.scope.get("path", ""), exc_info=exc)
+        async with self.send_lock:
+            if not self.response_started:
+                await self._send_error_response(502, "upstream_error", "the app failed before it answered")
+                self.closed = True
+                self._settle(Outcome.UPSTREAM_ERROR)
+                return
+            assert self.guard is not None
+            outputs = self.guard.upstream_failed(f"{type(exc).__name__} while streaming", anyio.current_time())
+            await self._emit(outputs, more_body=False)
+
+    async def _send_error_response(self, status: int, code: str, message: str) -> None:
+        body = _error_body(message, code)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        try:
+            await self.downstream({"type": "http.response.start", "status": status, "headers": headers})
+            await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
+        except OSError:
+            self._client_went_away()
+
+    def _settle(self, outcome: Outcome) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+
+    def _finish(self) -> None:
+        """Count the stream and write its record, once, whatever ended it."""
+        guard, record = self.guard, self.record
+        if guard is None or record is None or not self.response_started:
+            return
+        now = anyio.current_time()
+        outcome = self.outcome or Outcome.COMPLETED
+        first = guard.first_text_at
+        record.outcome = outcome
+        record.duration = now - self.start
+        record.deltas = guard.deltas
+        record.time_to_first_token = first - self.start if first is not None else None
+        self.metrics.stream_finished(
+            StreamGuard.dialect, outcome, duration=record.duration, time_to_first_token=record.time_to_first_token
+        )
+        log_record(record)
+        if self.middleware.on_record is not None:
+            try:
+                self.middleware.on_record(record)
+            except Exception:
+                logger.exception("on_record callback failed")
+
+
+def _error_body(message: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}).encode()

@@ -42,37 +42,29 @@ class ChatRequest:
         return model if isinstance(model, str) else None
 
 
-async def read_request(receive: Receive) -> tuple[ChatRequest, Receive]:
-    """Read the body from ``receive`` (up to :data:`MAX_REQUEST_BYTES`).
+async def read_request(receive: Receive) -> tuple[ChatRequest, list[Message], bool]:
+    """Read the body from ``receive``, keeping up to :data:`MAX_REQUEST_BYTES`.
 
     Returns:
-        The request as the guard sees it, and a ``receive`` for the app that replays the
-        messages read so far, then continues with the server's own ``receive``.
+        The request as the guard sees it; the messages read, for the app to receive first; and
+        whether they are all there is (the whole body, or a disconnect) so that the guard may
+        take over ``receive`` to listen for the client going away.
     """
     messages: list[Message] = []
     size = 0
-    complete = False
-    while size <= MAX_REQUEST_BYTES:
+    while True:
         message = await receive()
         messages.append(message)
         if message["type"] != "http.request":
-            break  # a disconnect: the app will see it too
+            return ChatRequest(), messages, True  # a disconnect: the app will see it too
         size += len(message.get("body", b""))
+        if size > MAX_REQUEST_BYTES:
+            return ChatRequest(), messages, False
         if not message.get("more_body", False):
-            complete = True
             break
-    replay = iter(messages)
-
-    async def replaying_receive() -> Message:
-        for message in replay:
-            return message
-        return await receive()
-
-    if not complete or size > MAX_REQUEST_BYTES:
-        return ChatRequest(), replaying_receive
-    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+    body = b"".join(m.get("body", b"") for m in messages)
     try:
         payload = json.loads(body)
     except ValueError:
         payload = None
-    return ChatRequest(body, payload if isinstance(payload, dict) else None), replaying_receive
+    return ChatRequest(body, payload if isinstance(payload, dict) else None), messages, True

@@ -16,16 +16,21 @@ bytes; anything held or changed is re-rendered by the dialect. Events without te
 at once, except that a finish chunk or ``[DONE]`` first flushes the channels it ends, so text
 never moves after the event that closes it.
 
+Time-based rules keep a :class:`~guardrail.core.rule.Timer` per stream. The guard never reads a
+clock: the shell passes ``now`` to every call, asks :attr:`StreamGuard.deadline` when to wake it,
+and calls :meth:`StreamGuard.expire` then.
+
 After the guard has ended a stream, ``feed`` returns nothing: the shell stops the app.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from guardrail.core.openai_chat import DIALECT, Channel, ChatRenderer, EventKind, ParsedEvent, parse
 from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Outcome, Output, Released, Send
-from guardrail.core.rule import Action, BoundRule, Checker, Hit, Verdict
+from guardrail.core.rule import Action, BoundRule, Checker, Hit, Rule, TimedRule, Timer, Verdict
 from guardrail.core.sse import SSEDecoder, SSEEvent
 from guardrail.exceptions import RuleError, SSEError
 
@@ -61,9 +66,11 @@ class _ChannelGuard:
     def __init__(self, channel: Channel, rules: Sequence[BoundRule]) -> None:
         self.channel = channel
         self.name = str(channel)
-        self.checkers: list[tuple[BoundRule, Checker]] = [(rule, rule.rule.checker()) for rule in rules]
+        self.checkers: list[tuple[BoundRule, Checker]] = [
+            (rule, rule.rule.checker()) for rule in rules if isinstance(rule.rule, Rule)
+        ]
         # Shadow-mode (log) rules never hold text back: they must not change what the client sees, or when.
-        self.holds = [rule.holdback and rule.action is not Action.LOG for rule in rules]
+        self.holds = [rule.holdback and rule.action is not Action.LOG for rule, _ in self.checkers]
         self.hits: list[tuple[Hit, BoundRule]] = []
         self.pending = ""  # text from offset `released` on, not yet sent
         self.received = 0
@@ -149,14 +156,23 @@ class StreamGuard:
 
     Args:
         rules: the rules that apply to this stream.
+        start: when the request started, on the clock the shell passes as ``now``.
+        identity: ``id``, ``created`` and ``model`` for chunks the guard writes before the
+            stream has sent one of its own (a fallback before the first token).
     """
 
     dialect = DIALECT
 
-    def __init__(self, rules: Sequence[BoundRule]) -> None:
+    def __init__(
+        self, rules: Sequence[BoundRule], *, start: float = 0.0, identity: Mapping[str, Any] | None = None
+    ) -> None:
         self._rules = tuple(rules)
+        self._text_rules = tuple(rule for rule in self._rules if isinstance(rule.rule, Rule))
+        self._timers: list[tuple[BoundRule, Timer]] = [
+            (rule, rule.rule.timer(start)) for rule in self._rules if isinstance(rule.rule, TimedRule)
+        ]
         self._decoder = SSEDecoder()
-        self._renderer = ChatRenderer()
+        self._renderer = ChatRenderer(identity)
         self._channels: dict[Channel, _ChannelGuard] = {}
         self._ended = False
         self._reported_unknown = False
@@ -167,6 +183,39 @@ class StreamGuard:
     def ended(self) -> bool:
         """True once the guard has ended the stream (or seen it close)."""
         return self._ended
+
+    @property
+    def deadline(self) -> float | None:
+        """When the shell should call :meth:`expire` next; None if no time-based rule is armed."""
+        if self._ended or not self._timers:
+            return None
+        dues = [due for _, timer in self._timers if (due := timer.deadline()) is not None]
+        return min(dues) if dues else None
+
+    def expire(self, now: float) -> list[Output]:
+        """Let time-based rules look at the clock; end the stream if one of their limits has passed."""
+        if self._ended:
+            return []
+        out: list[Output] = []
+        wire = bytearray()
+        for rule, timer in self._timers:
+            code = timer.expired(now)
+            if code is None:
+                continue
+            out.append(Intervention(rule.name, rule.action, "stream", 0, 0, 0, code))
+            if rule.action is Action.LOG:
+                continue
+            try:
+                # What was held only because more text might complete a match is safe now.
+                self._flush_channels(self._channels.values(), now, wire, out)
+            except _Trip as trip:
+                self._trip(trip, wire, out)
+            except RuleError as exc:
+                self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+            else:
+                self._time_out(rule, code, wire, out)
+            break
+        return self._flush(wire, out)
 
     def feed(self, data: bytes, now: float = 0.0) -> list[Output]:
         """Take the next bytes of the body; return what to do about them, in order.
@@ -224,6 +273,28 @@ class StreamGuard:
             out.append(Ended(Outcome.COMPLETED))
         return self._flush(wire, out)
 
+    def upstream_failed(self, detail: str, now: float = 0.0) -> list[Output]:
+        """The app or upstream failed mid-stream: release what is safe, then end with an error event.
+
+        The openai SDK raises ``APIError`` for the event, rather than a connection error.
+        """
+        if self._ended:
+            return []
+        out: list[Output] = []
+        wire = bytearray()
+        try:
+            self._flush_channels(self._channels.values(), now, wire, out)
+        except _Trip as trip:
+            self._trip(trip, wire, out)
+            return self._flush(wire, out)
+        except RuleError as exc:
+            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+            return self._flush(wire, out)
+        self._ended = True
+        wire += self._renderer.error(f"the upstream stream failed: {detail}", type="upstream_error", code="upstream_error")
+        out.append(Ended(Outcome.UPSTREAM_ERROR))
+        return self._flush(wire, out)
+
     # -- events ---------------------------------------------------------------------------
 
     def _handle(self, event: SSEEvent, now: float, wire: bytearray, out: list[Output]) -> None:
@@ -256,6 +327,8 @@ class StreamGuard:
                 final = piece.channel.choice in finishing
                 released = channel.feed(piece.text, final=final, out=out, now=now)
                 self.deltas += 1
+                for _, timer in self._timers:
+                    timer.content(now)
                 texts[number] = released
                 whole = whole and released == piece.text
         except _Trip as trip:
@@ -281,7 +354,7 @@ class StreamGuard:
     def _channel(self, channel: Channel) -> _ChannelGuard:
         guard = self._channels.get(channel)
         if guard is None or guard.finished:  # text after a finish starts the channel afresh
-            guard = self._channels[channel] = _ChannelGuard(channel, self._rules)
+            guard = self._channels[channel] = _ChannelGuard(channel, self._text_rules)
         return guard
 
     def _flush_channels(self, channels: Iterable[_ChannelGuard], now: float, wire: bytearray, out: list[Output]) -> None:
@@ -318,6 +391,19 @@ class StreamGuard:
         wire += self._renderer.done()
         out.append(Ended(outcome, rule.name))
 
+    def _time_out(self, rule: BoundRule, code: str, wire: bytearray, out: list[Output]) -> None:
+        self._ended = True
+        fallback = rule.fallback
+        if rule.action is Action.FALLBACK and fallback is not None and fallback.url is not None:
+            out.append(Ended(Outcome.TIMEOUT, rule.name, fallback))
+            return
+        if rule.action is Action.FALLBACK and fallback is not None and fallback.text is not None:
+            wire += self._renderer.fallback(fallback.text) + self._renderer.done()
+        else:
+            message = f"guardrail ended the stream: {_TIMEOUT_MESSAGES.get(code, code)} (rule {rule.name!r})"
+            wire += self._renderer.error(message, type="timeout", code=code)
+        out.append(Ended(Outcome.TIMEOUT, rule.name))
+
     def _fail(self, kind: AnomalyKind, detail: str, code: str, wire: bytearray, out: list[Output]) -> None:
         self._ended = True
         out.append(Anomaly(kind, detail, ended_stream=True))
@@ -334,6 +420,13 @@ class StreamGuard:
             else:
                 out.append(Send(bytes(wire)))
         return out
+
+
+_TIMEOUT_MESSAGES = {
+    "idle_timeout": "the model sent no text for too long",
+    "first_token_timeout": "the model took too long to start answering",
+    "total_timeout": "the answer took too long",
+}
 
 
 def _stop_reason(rule: BoundRule) -> str:

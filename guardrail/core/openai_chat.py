@@ -124,8 +124,8 @@ def _dumps(obj: object) -> str:
 class ChatRenderer:
     """Writes events for one stream, reusing the identity (``id``, ``created``, ``model``) of its chunks."""
 
-    def __init__(self) -> None:
-        self.template: dict[str, Any] = {"object": "chat.completion.chunk"}
+    def __init__(self, identity: Mapping[str, Any] | None = None) -> None:
+        self.template: dict[str, Any] = {"object": "chat.completion.chunk", **(identity or {})}
         self._has_identity = False
         self.open_choices: dict[int, None] = {}  # insertion-ordered set
 

@@ -71,6 +71,32 @@ class Rule(Protocol):
         ...
 
 
+@runtime_checkable
+class Timer(Protocol):
+    """Per-stream clock of a time-based rule. Times are seconds on the shell's monotonic clock."""
+
+    def content(self, now: float) -> None:
+        """A delta with text arrived (comments, keep-alives and empty deltas don't count)."""
+        ...
+
+    def deadline(self) -> float | None:
+        """When :meth:`expired` should next be asked, or None while nothing can expire."""
+        ...
+
+    def expired(self, now: float) -> str | None:
+        """The code of a limit that has passed by ``now`` (e.g. ``"idle_timeout"``), once; else None."""
+        ...
+
+
+@runtime_checkable
+class TimedRule(Protocol):
+    """A rule that watches time rather than text (see :class:`Timer`)."""
+
+    def timer(self, start: float) -> Timer:
+        """A fresh timer for one stream that started at ``start``."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Fallback:
     """A fallback answer from a rule file: fixed ``text``, or a branch to another upstream ``url``."""
@@ -86,7 +112,7 @@ class BoundRule:
     """A rule bound to what the rule file says about it: its name, action and options."""
 
     name: str
-    rule: Rule
+    rule: Rule | TimedRule
     action: Action
     holdback: bool = True
     replacement: str = "[redacted]"
