@@ -1,0 +1,100 @@
+"""``guardrail check``: exit codes and the exact lines it prints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from guardrail.cli import main
+
+DATA = Path(__file__).parent / "data" / "rules"
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    for name in ("bad.yaml", "valid.yaml"):
+        shutil.copy(DATA / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+def test_bad_regex_unknown_key_and_unknown_fallback_are_all_reported(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check", "bad.yaml"])
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "bad.yaml:8: rules[0].patterns[1]: invalid regex 'sk-[A-Za-z0-9': unterminated character set at position 13",
+        "bad.yaml:14: rules[1].replacment: unknown key 'replacment'; did you mean 'replacement'?",
+        "bad.yaml:19: rules[2].fallback: unknown fallback 'try-agian'; defined fallbacks: try-again",
+        "3 problems found.",
+    ]
+
+
+def test_valid_files_print_ok_and_exit_0(runner: CliRunner) -> None:
+    shutil.copy(REPO / "rules" / "default.yaml", "default.yaml")
+
+    result = runner.invoke(main, ["check", "valid.yaml", "default.yaml"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["valid.yaml: ok (3 rules)", "default.yaml: ok (3 rules)"]
+    assert result.stderr == ""
+
+
+def test_valid_files_are_still_reported_ok_when_another_is_not(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check", "valid.yaml", "missing.yaml"])
+
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == ["valid.yaml: ok (3 rules)"]
+    assert result.stderr.splitlines() == [
+        "missing.yaml: cannot read the file: No such file or directory",
+        "1 problem found.",
+    ]
+
+
+def test_files_are_checked_together(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check", "valid.yaml", "valid.yaml"])
+
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == (
+        "valid.yaml:6: rules[0].name: duplicate rule name 'api-keys'; "
+        "it is already used at line 6 (names must be unique)"
+    )
+
+
+def test_one_rule_is_singular(runner: CliRunner) -> None:
+    Path("one.yaml").write_text("version: 1\nrules:\n  - {name: a, type: banned_patterns, phrases: [x], action: log}\n")
+
+    result = runner.invoke(main, ["check", "one.yaml"])
+
+    assert (result.exit_code, result.stdout) == (0, "one.yaml: ok (1 rule)\n")
+
+
+def test_no_files_is_a_usage_error(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check"])
+
+    assert result.exit_code == 2
+    assert "give at least one rule file to check (or --schema)" in result.stderr
+
+
+def test_schema_prints_the_json_schema(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check", "--schema"])
+
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "guardrail rule file"
+    assert "rules" in schema["required"]
+
+
+def test_help_describes_the_output(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check", "--help"])
+
+    assert result.exit_code == 0
+    assert "FILE:LINE: KEY.PATH: MESSAGE" in result.stdout
+    assert "guardrail check rules/default.yaml" in result.stdout
+    assert "check" in runner.invoke(main, ["--help"]).stdout
