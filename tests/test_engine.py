@@ -253,7 +253,8 @@ def test_every_open_choice_is_finished_on_abort() -> None:
 
 def test_tool_call_arguments_and_refusals_are_guarded() -> None:
     call_start = chunk(
-        index=0, tool_calls=[{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]
+        index=0,
+        tool_calls=[{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}],
     )
     parts = [
         chunk(None, role="assistant"),

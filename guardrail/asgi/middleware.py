@@ -29,8 +29,7 @@ from guardrail.asgi.record import RuleHit, StreamRecord, log_record
 from guardrail.asgi.request import ChatRequest, read_request
 from guardrail.config import RuleSet, load_rules
 from guardrail.core.engine import StreamGuard
-from guardrail.core.outputs import Anomaly, Ended, Intervention, Outcome, Output, Released
-from guardrail.core.outputs import Send as SendBytes
+from guardrail.core.outputs import Anomaly, Ended, Intervention, Outcome, Output, Released, Send as SendBytes
 from guardrail.core.rule import BoundRule
 from guardrail.metrics import GuardMetrics
 
@@ -265,14 +264,18 @@ class _GuardedResponse:
                 self.metrics.held(output.chars, anyio.current_time() - output.held_since)
             elif isinstance(output, Anomaly):
                 self.metrics.anomaly(output.kind)
-                logger.warning("stream anomaly %s: %s (stream ended: %s)", output.kind, output.detail, output.ended_stream)
+                logger.warning(
+                    "stream anomaly %s: %s (stream ended: %s)", output.kind, output.detail, output.ended_stream
+                )
             elif isinstance(output, Ended):
                 ended = output
         return data, ended
 
     def _intervened(self, hit: Intervention) -> None:
         self.metrics.intervention(hit.rule, hit.action, leaked_chars=hit.leaked)
-        logger.info("rule %s (%s) fired on %s at %d-%d: %s", hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail)
+        logger.info(
+            "rule %s (%s) fired on %s at %d-%d: %s", hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail
+        )
         if self.record is not None:
             self.record.hits.append(RuleHit(hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail))
 

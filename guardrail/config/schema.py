@@ -30,6 +30,7 @@ from guardrail.config.paths import found
 from guardrail.config.ruleset import DEFAULT_TOKENIZER
 from guardrail.core.rule import Rule, TimedRule
 from guardrail.rules.banned import BannedPatterns, compile_pattern
+from guardrail.rules.timeout import IdleTimeout
 
 SCHEMA_VERSION: Final = 1
 
@@ -138,6 +139,26 @@ class BannedPatternsSpec(RuleSpec):
         return self
 
 
+Seconds = Annotated[float, Field(gt=0, strict=False)]
+
+
+class IdleTimeoutSpec(RuleSpec):
+    """``idle_timeout``: limits on silences between deltas with text, on the first one, and on the whole."""
+
+    type: Literal["idle_timeout"]
+    seconds: Seconds = Field(description="Longest gap between deltas with text; keep-alive comments don't count.")
+    first_token_seconds: Seconds | None = Field(default=None, description="How long the first delta may take.")
+    total_seconds: Seconds | None = Field(default=None, description="How long the whole stream may take.")
+
+    @model_validator(mode="after")
+    def _no_redaction(self) -> IdleTimeoutSpec:
+        if self.action == "redact":
+            raise PydanticCustomError(
+                "timeout_action", "idle_timeout takes action abort, fallback or log; found 'redact'"
+            )
+        return self
+
+
 def _not_a_builtin_type(schema: dict[str, Any]) -> None:
     # Run when the JSON Schema is generated, so it sees every type registered in BUILTIN_TYPES.
     schema["properties"]["type"]["not"] = {"enum": list(BUILTIN_TYPES)}
@@ -190,8 +211,13 @@ def _build_banned_patterns(spec: BannedPatternsSpec) -> Rule:
     return BannedPatterns(patterns=spec.patterns, phrases=spec.phrases)
 
 
+def _build_idle_timeout(spec: IdleTimeoutSpec) -> TimedRule:
+    return IdleTimeout(spec.seconds, spec.first_token_seconds, spec.total_seconds)
+
+
 BUILTIN_TYPES: Final[Mapping[str, BuiltinType[Any]]] = {
     "banned_patterns": BuiltinType(BannedPatternsSpec, _build_banned_patterns),
+    "idle_timeout": BuiltinType(IdleTimeoutSpec, _build_idle_timeout),
 }
 
 

@@ -291,7 +291,9 @@ class StreamGuard:
             self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
             return self._flush(wire, out)
         self._ended = True
-        wire += self._renderer.error(f"the upstream stream failed: {detail}", type="upstream_error", code="upstream_error")
+        wire += self._renderer.error(
+            f"the upstream stream failed: {detail}", type="upstream_error", code="upstream_error"
+        )
         out.append(Ended(Outcome.UPSTREAM_ERROR))
         return self._flush(wire, out)
 
@@ -357,7 +359,9 @@ class StreamGuard:
             guard = self._channels[channel] = _ChannelGuard(channel, self._text_rules)
         return guard
 
-    def _flush_channels(self, channels: Iterable[_ChannelGuard], now: float, wire: bytearray, out: list[Output]) -> None:
+    def _flush_channels(
+        self, channels: Iterable[_ChannelGuard], now: float, wire: bytearray, out: list[Output]
+    ) -> None:
         for channel in list(channels):
             if channel.finished:
                 continue

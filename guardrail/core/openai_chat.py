@@ -78,7 +78,11 @@ def _pieces_of(choice_pos: int, index: int, delta: Mapping[str, Any]) -> Iterabl
             arguments = function.get("arguments") if isinstance(function, dict) else None
             if isinstance(arguments, str) and arguments:
                 tool = call.get("index", tool_pos)
-                yield Piece(Channel(index, "arguments", tool if isinstance(tool, int) else tool_pos), arguments, (choice_pos, tool_pos))
+                yield Piece(
+                    Channel(index, "arguments", tool if isinstance(tool, int) else tool_pos),
+                    arguments,
+                    (choice_pos, tool_pos),
+                )
 
 
 def parse(event: SSEEvent) -> ParsedEvent:
