@@ -1,7 +1,7 @@
 """guardrail: guard streaming LLM answers while they are in flight.
 
-    from guardrail import GuardrailMiddleware
-    app.add_middleware(GuardrailMiddleware, rules="rules/default.yaml")
+from guardrail import GuardrailMiddleware
+app.add_middleware(GuardrailMiddleware, rules="rules/default.yaml")
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from guardrail.exceptions import (
     RuleError,
     SSEError,
     StreamError,
+    UpstreamStreamError,
 )
 from guardrail.rules.banned import BannedPatterns
 
@@ -50,6 +51,7 @@ __all__ = [
     "Send",
     "StreamError",
     "StreamGuard",
+    "UpstreamStreamError",
     "Verdict",
     "load_rules",
 ]

@@ -4,7 +4,8 @@
     ├── ConfigError                rule files: every problem, each located as file:line: key.path: message
     ├── PluginError                a plugin rule that cannot be found, imported or built
     ├── StreamError                a stream the guard cannot read (the guard ends it in-dialect)
-    │   └── SSEError               malformed or oversized server-sent events
+    │   ├── SSEError               malformed or oversized server-sent events
+    │   └── UpstreamStreamError    the upstream broke off after the response had started
     ├── RuleError                  a rule failed while checking text (a pattern timed out, a plugin raised)
     └── EncodingError              a tiktoken encoding that cannot be loaded or fails its checksum
 
@@ -54,6 +55,15 @@ class StreamError(GuardrailError):
 
 class SSEError(StreamError):
     """Malformed or oversized server-sent events."""
+
+
+class UpstreamStreamError(StreamError):
+    """The upstream failed after the response to the client had started.
+
+    Raised by the proxy when the upstream connection breaks or times out mid-body. The status
+    line has already gone out, so only the middleware around the app can still end the stream
+    in a form the client's SDK reports as an error.
+    """
 
 
 class RuleError(GuardrailError):

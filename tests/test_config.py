@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from guardrail.config import RuleGroup, RuleSet, check_files, load_rules
-from guardrail.config.schema import RULE_NAME_RULE, json_schema
+from guardrail.config.schema import BUILTIN_TYPES, RULE_NAME_RULE, json_schema
 from guardrail.core.rule import Action, BoundRule, Fallback, Hit, Rule, TimedRule
 from guardrail.exceptions import ConfigError, ConfigProblem
 from guardrail.rules.banned import BannedPatterns
+
+BUILTINS = ", ".join(BUILTIN_TYPES)
 
 DATA = Path(__file__).parent / "data" / "rules"
 
@@ -308,7 +310,7 @@ RULE = "  - name: r\n    type: banned_patterns\n    phrases: [x]\n    action: lo
         pytest.param(
             HEADER + "  - name: r\n    phrases: [x]\n    action: log\n",
             [
-                "r.yaml:3: rules[0]: missing required key 'type' (built-in: banned_patterns; "
+                f"r.yaml:3: rules[0]: missing required key 'type' (built-in: {BUILTINS}; "
                 "or a plugin 'package.module:Class')"
             ],
             id="no-type",
@@ -386,7 +388,7 @@ RULE = "  - name: r\n    type: banned_patterns\n    phrases: [x]\n    action: lo
         pytest.param(
             HEADER + "  - name: r\n    type: no_such_rule\n    action: log\n",
             [
-                "r.yaml:4: rules[0].type: unknown rule type 'no_such_rule'; built-in types: banned_patterns; "
+                f"r.yaml:4: rules[0].type: unknown rule type 'no_such_rule'; built-in types: {BUILTINS}; "
                 "installed plugins: none"
             ],
             id="unknown-type",
@@ -518,7 +520,7 @@ def test_plugins_are_found_by_entry_point_name(in_tmp: Path, monkeypatch: pytest
     (rule,) = load_rules(write(HEADER + "  - {name: s, type: shouty, action: log, options: {word: HEY}}\n")).rules
     assert type(rule.rule).__name__ == "Shouty"
     assert problems(HEADER + "  - {name: s, type: shout, action: log}\n") == [
-        "r.yaml:3: rules[0].type: unknown rule type 'shout'; built-in types: banned_patterns; installed plugins: shouty"
+        f"r.yaml:3: rules[0].type: unknown rule type 'shout'; built-in types: {BUILTINS}; installed plugins: shouty"
     ]
 
 
@@ -530,9 +532,9 @@ def test_json_schema_describes_the_closed_schema() -> None:
     assert schema["required"] == ["version", "rules"]
     variants = schema["properties"]["rules"]["items"]["oneOf"]
     titles = {schema["$defs"][v["$ref"].rsplit("/", 1)[1]]["title"] for v in variants}
-    assert titles == {"BannedPatternsSpec", "PluginRuleSpec"}
+    assert titles == {entry.spec.__name__ for entry in BUILTIN_TYPES.values()} | {"PluginRuleSpec"}
     banned = schema["$defs"]["BannedPatternsSpec"]
     assert banned["additionalProperties"] is False
     assert banned["properties"]["name"]["pattern"] == "^[a-z0-9][a-z0-9_.-]{0,63}$"
     assert banned["properties"]["action"]["enum"] == ["abort", "fallback", "redact", "log"]
-    assert schema["$defs"]["PluginRuleSpec"]["properties"]["type"]["not"] == {"enum": ["banned_patterns"]}
+    assert schema["$defs"]["PluginRuleSpec"]["properties"]["type"]["not"] == {"enum": list(BUILTIN_TYPES)}

@@ -1,0 +1,510 @@
+"""A built-in demo model: an ASGI app that imitates an OpenAI-compatible model server.
+
+`guardrail serve` with no upstream serves `DemoModel`, so the guard can be seen at work on a
+fresh machine with no API key. Answers are deterministic, chosen from the last user message
+by the first trigger below that it contains (case-insensitive, whole words; ``stall`` also
+matches ``stalled`` and ``stalling``):
+
+=====================================  ==========================================================
+trigger words                          what the answer does
+=====================================  ==========================================================
+``stall``                              streams a few words, then stops: only ``: keep-alive``
+                                       comments follow (every second, for up to ten minutes), to
+                                       show an idle timeout
+``key``, ``api key``, ``secret``       leaks the fake OpenAI key `FAKE_API_KEY`, split across
+                                       several deltas, to show redaction
+``starlight``, ``codename``,           mentions the internal code name `CODE_NAME`
+``roadmap``                            (``Project Starlight``) mid-answer, to show an abort
+``ssn``, ``card``, ``customer``        prints the fake SSN `FAKE_SSN` and the test card number
+                                       `FAKE_CARD`, to show redaction
+``story``, ``long``                    tells a story of about 2,500 tokens, to run past a
+                                       completion budget
+anything else                          explains the demo and lists the prompts above
+=====================================  ==========================================================
+
+Streams follow OpenAI's chunk format exactly: a role chunk, content deltas of about one token
+each (word pieces of one to six characters, see `split_tokens`), a chunk with
+``finish_reason``, a usage chunk with ``choices: []`` when ``stream_options.include_usage`` is
+set, then ``data: [DONE]``. Token counts in ``usage`` are those word pieces, not a real
+tokenizer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+from starlette.types import Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_ID = "guardrail-demo"
+FAKE_API_KEY = "sk-proj-guardrailDemoFakeKey0123456789abcdefABCD"
+CODE_NAME = "Project Starlight"
+FAKE_SSN = "123-45-6789"
+FAKE_CARD = "4111 1111 1111 1111"
+
+# Chat requests are a few kilobytes; this bounds memory for a hostile or broken client.
+MAX_REQUEST_BYTES = 1024 * 1024
+# Pieces longer than this are split, as real BPE tokenizers rarely produce longer tokens.
+_MAX_PIECE_CHARS = 6
+# A word with its leading space, a punctuation mark with its leading space, or whitespace.
+_PIECE = re.compile(r" ?\w+| ?[^\w\s]|\s+")
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_KEEPALIVE_EVENT = b": keep-alive\n\n"
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+_SECRET_ANSWER = (
+    "Sure. The demo vault holds one API key, and here it is in full: "
+    f"{FAKE_API_KEY}. It is fake, of course, and a guard in front of this model should have "
+    "redacted it before it reached you."
+)
+_STARLIGHT_ANSWER = (
+    "Our roadmap for next year has three themes: faster answers, better tools and lower costs. "
+    "Most of the work is already planned in public, and the details are on the engineering blog. "
+    f"The biggest item is {CODE_NAME}, our internal code name for the next model, which "
+    "launches in the spring with a larger context window and a new pricing tier for startups."
+)
+_CUSTOMER_ANSWER = (
+    "Here is the customer record you asked for. Name: Jane Doe. Date of birth: 1 April 1980. "
+    f"SSN: {FAKE_SSN}. Card on file: {FAKE_CARD}, expiring 12/29. Please handle it with care: "
+    "a guard in front of this model should have redacted both numbers."
+)
+_STALL_HEAD = "Let me think about that for a moment. The short answer is that"
+_STALL_TAIL = " ... sorry, I lost my train of thought. Please ask again."
+_DEFAULT_ANSWER = """\
+Hello! I am the guardrail demo model, a small stand-in for a real LLM, so you can watch the \
+guard work without an API key. My answers stream a word at a time, like a real model's. \
+Try one of these prompts:
+
+- "What is the API key?" I leak a fake OpenAI key; the guard should redact it.
+- "What is on the roadmap?" I let slip an internal code name; the guard should cut me off.
+- "Show me the customer record." I print a fake SSN and card number; the guard should redact them.
+- "Tell me a long story." I run past the token budget; the guard should stop me at the limit.
+- "Please stall." I stop in the middle of my answer; the guard's idle timeout should step in.
+"""
+
+_STORY_TITLE = "The Keeper of Gull Point\n\n"
+_STORY_PARAGRAPHS = (
+    "{season} came to Gull Point {arrival}. Mara Quill, who had kept the lighthouse for eleven years, "
+    "noticed it first in the {sense}: {sign}. She wrote the date in the logbook, as her mother had taught "
+    "her, and beneath it a single line about the weather, because the sea forgives a keeper many things "
+    "but never a keeper who stops paying attention.",
+    "The work did not change with the seasons, only its texture. Every evening she climbed the one hundred "
+    "and twelve steps, trimmed the wick, polished the great lens until it held the last of the daylight, and "
+    "wound the clockwork that turned it. In {lower} the brass was {brass}, and the glass {glass}. Between "
+    "rounds she mended whatever needed mending: {chore}. It was slow work, and she liked it that way, "
+    "because slow work leaves room for thinking.",
+    "That {lower}, the visitor was {visitor}. {detail} They sat together in the kitchen below the lamp room, "
+    "with the kettle muttering on the stove, and talked about {topic}. Mara did most of the listening. When "
+    "the visitor left, she stood in the doorway for a long while, watching the path until it was empty "
+    "again, and then she went back up the stairs.",
+    "The worst night of the {lower} came {storm}. The wind rose out of the {wind} and {howl}, and the rain "
+    "came sideways against the windows like thrown gravel. Somewhere beyond the reef a {ship} was feeling "
+    "its way along the coast. Mara kept the light turning all night, checking the clockwork every hour, and "
+    "at dawn she watched the {ship} round the headland, battered but whole, its crew waving at the tower "
+    "as if she could see them. She could.",
+    "Later, when the {lower} was ending, she took the logbook down from its shelf and read back through the "
+    "pages. {reflection} She thought about the keepers who had come before her, whose handwriting filled "
+    "the older books, and about whoever would come after. The light would still turn. Someone would still "
+    "climb the stairs. That, she decided, was enough to be going on with.",
+)
+_SEASONS = (
+    {
+        "season": "Spring",
+        "lower": "spring",
+        "arrival": "late and all at once, the way it always did",
+        "sense": "smell of the air",
+        "sign": "wet earth, salt and the first thin sweetness of the gorse",
+        "brass": "cold in the mornings and warm by noon",
+        "glass": "streaked with the last of the sleet",
+        "chore": "a cracked pane in the lantern, a hinge on the oil store, the netting around the garden",
+        "visitor": "a schoolteacher from the mainland",
+        "detail": "She had brought nine children to see the light.",
+        "topic": "why a lens made of a hundred small prisms throws light farther than one great mirror",
+        "storm": "in the middle of April",
+        "wind": "south-west",
+        "howl": "threw spray over the gallery rail",
+        "ship": "fishing boat",
+        "reflection": "Most of the entries were about rain, and she found that she did not mind.",
+    },
+    {
+        "season": "Summer",
+        "lower": "summer",
+        "arrival": "on a morning so still that the sea looked painted",
+        "sense": "light",
+        "sign": "it stayed in the sky until nearly eleven, and the lamp burned only a few hours",
+        "brass": "too hot to touch by the afternoon",
+        "glass": "bright enough to hurt the eyes",
+        "chore": "the whitewash on the seaward wall, the gutters, a loose step near the top of the tower",
+        "visitor": "an old fisherman named Tobias",
+        "detail": "He had known her mother, and he said so twice.",
+        "topic": "the summer of the great shoal, when the bay was silver with fish for a week",
+        "storm": "without warning in August",
+        "wind": "east",
+        "howl": "shook the tower like a fist",
+        "ship": "small ferry",
+        "reflection": "There were long gaps between entries, which meant the days had been good.",
+    },
+    {
+        "season": "Autumn",
+        "lower": "autumn",
+        "arrival": "with the geese, who crossed the point in long untidy lines",
+        "sense": "sound of the sea",
+        "sign": "it had grown heavier, and it broke on the reef with a slower rhythm",
+        "brass": "dull with salt",
+        "glass": "fogged each dawn until the stove had been lit an hour",
+        "chore": "the storm shutters, the lamp's spare wicks, a leak in the roof of the boat shed",
+        "visitor": "a young surveyor",
+        "detail": "He was measuring the coast for a new chart and was sure of everything.",
+        "topic": "whether lighthouses would still be needed in fifty years, which he doubted and she did not",
+        "storm": "in the first week of November",
+        "wind": "north",
+        "howl": "tore slates off the cottage roof",
+        "ship": "cargo ship",
+        "reflection": "Her own handwriting had grown smaller over the years, and neater.",
+    },
+    {
+        "season": "Winter",
+        "lower": "winter",
+        "arrival": "in the dark, as it always does that far north",
+        "sense": "cold",
+        "sign": "the iron handrail burned her palm, and the puddles in the yard rang underfoot",
+        "brass": "so cold it stuck to her fingers",
+        "glass": "rimmed with frost on the inside",
+        "chore": "the stove pipe, the frozen pump, the lamp's clockwork, which slowed in the cold",
+        "visitor": "nobody at all for six weeks, and then the supply boat's captain",
+        "detail": "He stayed an hour, drank three cups of tea, and left her a newspaper a month old.",
+        "topic": "the news, such as it was, and the price of lamp oil, which was rising again",
+        "storm": "on the longest night of the year",
+        "wind": "north-east",
+        "howl": "drove snow through gaps in the walls she had not known were there",
+        "ship": "lifeboat",
+        "reflection": "The year had been long, and she had kept the light burning through all of it.",
+    },
+)
+_STORY_ENDING = (
+    "\n\nIn the spring that followed, Mara climbed the stairs on the first warm evening, trimmed the wick, "
+    "and lit the lamp again. Far out on the water, someone saw it, and knew where they were."
+)
+
+
+def _long_story() -> str:
+    paragraphs = [template.format(**season) for season in _SEASONS for template in _STORY_PARAGRAPHS]
+    return _STORY_TITLE + "\n\n".join(paragraphs) + _STORY_ENDING
+
+
+_TRIGGERS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\bstall", re.IGNORECASE), "stall"),
+    (re.compile(r"\b(keys?|api[ -]?keys?|secrets?)\b", re.IGNORECASE), "secret"),
+    (re.compile(r"\b(starlight|code ?names?|roadmaps?)\b", re.IGNORECASE), "starlight"),
+    (re.compile(r"\b(ssns?|cards?|customers?)\b", re.IGNORECASE), "customer"),
+    (re.compile(r"\b(story|stories|long)\b", re.IGNORECASE), "story"),
+)
+_ANSWERS: dict[str, str] = {
+    "secret": _SECRET_ANSWER,
+    "starlight": _STARLIGHT_ANSWER,
+    "customer": _CUSTOMER_ANSWER,
+    "stall": _STALL_HEAD + _STALL_TAIL,
+}
+
+
+def scenario_for(prompt: str) -> str:
+    """Name the demo scenario a prompt triggers.
+
+    Args:
+        prompt: the last user message's text.
+
+    Returns:
+        One of ``stall``, ``secret``, ``starlight``, ``customer``, ``story`` or ``default``.
+    """
+    return next((name for pattern, name in _TRIGGERS if pattern.search(prompt)), "default")
+
+
+def answer_for(prompt: str) -> str:
+    """The full answer the demo model gives to a prompt (a stalled stream stops part-way).
+
+    Args:
+        prompt: the last user message's text.
+
+    Returns:
+        The answer text.
+    """
+    scenario = scenario_for(prompt)
+    if scenario == "story":
+        return _long_story()
+    return _ANSWERS.get(scenario, _DEFAULT_ANSWER)
+
+
+def split_tokens(text: str) -> list[str]:
+    """Split text into pieces of one to six characters, roughly as a tokenizer would.
+
+    Words keep their leading space, punctuation stands alone, long words are cut into pieces.
+
+    Args:
+        text: any text.
+
+    Returns:
+        The pieces; joined, they give back ``text``.
+    """
+    pieces: list[str] = []
+    for match in _PIECE.finditer(text):
+        piece = match.group()
+        pieces.extend(piece[i : i + _MAX_PIECE_CHARS] for i in range(0, len(piece), _MAX_PIECE_CHARS))
+    return pieces
+
+
+def _message_text(message: object) -> str:
+    if not isinstance(message, dict):
+        return ""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only the text ones matter here
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def _last_user_text(messages: Sequence[object]) -> str:
+    user_messages = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return _message_text(user_messages[-1]) if user_messages else ""
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None, code: str | None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class _Reply:
+    """One answer, with the ids and flags every chunk of its stream repeats."""
+
+    def __init__(self, request: dict[str, Any], model: str) -> None:
+        messages = request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest(400, "'messages' must be a non-empty array.", "messages", "invalid_value")
+        stream = request.get("stream", False)
+        if not isinstance(stream, bool) and stream is not None:
+            raise _BadRequest(400, "'stream' must be a boolean.", "stream", "invalid_type")
+        prompt = _last_user_text(messages)
+        self.scenario = scenario_for(prompt)
+        self.stream = bool(stream)
+        options = request.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        requested_model = request.get("model")
+        self.model = requested_model if isinstance(requested_model, str) and requested_model else model
+        self.id = "chatcmpl-demo-" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(split_tokens(_message_text(m))) for m in messages)
+        self.pieces = split_tokens(answer_for(prompt))
+        self.stall_at = len(split_tokens(_STALL_HEAD)) if self.scenario == "stall" else None
+        self.finish_reason = "stop"
+        limit = request.get("max_completion_tokens", request.get("max_tokens"))
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(self.pieces):
+            self.pieces, self.finish_reason = self.pieces[:limit], "length"
+
+    def usage(self) -> dict[str, int]:
+        completion = len(self.pieces)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._envelope("chat.completion.chunk", [choice], None)
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return self._envelope("chat.completion.chunk", [], self.usage())
+
+    def completion(self) -> dict[str, Any]:
+        message = {"role": "assistant", "content": "".join(self.pieces), "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+        return self._envelope("chat.completion", [choice], self.usage())
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+        envelope: dict[str, Any] = {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        # OpenAI sends `"usage": null` on every chunk once usage was asked for, and the totals last.
+        if usage is not None or self.include_usage:
+            envelope["usage"] = usage
+        return envelope
+
+
+def _dumps(payload: object) -> bytes:
+    return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _sse_event(payload: object) -> bytes:
+    # Compact ASCII JSON holds no newline, so every event is exactly one `data:` line.
+    return b"data: " + _dumps(payload) + b"\n\n"
+
+
+async def _send_json(send: Send, status: int, payload: object) -> None:
+    body = _dumps(payload)
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii"))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_error(send: Send, error: _BadRequest) -> None:
+    envelope = {
+        "error": {"message": error.message, "type": "invalid_request_error", "param": error.param, "code": error.code}
+    }
+    await _send_json(send, error.status, envelope)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client left first."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if len(body) > MAX_REQUEST_BYTES:
+            raise _BadRequest(413, f"The request body exceeds {MAX_REQUEST_BYTES} bytes.", None, "request_too_large")
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+def _parse_request(body: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(body)
+    except ValueError:  # includes invalid UTF-8
+        raise _BadRequest(400, "The request body is not valid JSON.", None, "invalid_json") from None
+    if not isinstance(request, dict):
+        raise _BadRequest(400, "The request body must be a JSON object.", None, "invalid_json")
+    return request
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    # uvicorn drops messages sent after a disconnect instead of failing, so `http.disconnect`
+    # is the signal that stops the stream.
+    message: Message = {"type": "http.request"}
+    while message["type"] != "http.disconnect":
+        message = await receive()
+    scope.cancel()
+
+
+class DemoModel:
+    """ASGI app imitating an OpenAI-compatible model server with deterministic answers.
+
+    Routes: ``POST /v1/chat/completions`` (streaming or not, see the module docstring for the
+    answers), ``GET /v1/models``; anything else is a 404 in OpenAI's error envelope. A
+    streamed answer stops as soon as the client disconnects.
+    """
+
+    def __init__(
+        self,
+        *,
+        seconds_per_token: float = 0.025,
+        keepalive_seconds: float = 1.0,
+        stall_seconds: float = 600.0,
+        model_id: str = DEMO_MODEL_ID,
+    ) -> None:
+        """Create the app.
+
+        Args:
+            seconds_per_token: pause before each streamed content delta; the default of 25 ms
+                is about 40 tokens per second. Non-streaming answers are not delayed.
+            keepalive_seconds: interval between ``: keep-alive`` comments while stalled.
+            stall_seconds: how long the ``stall`` answer stays silent before it finishes.
+            model_id: the model listed by ``/v1/models`` and used when a request names none.
+
+        Raises:
+            ValueError: a duration is negative, or ``keepalive_seconds`` is not positive.
+        """
+        if seconds_per_token < 0 or stall_seconds < 0 or keepalive_seconds <= 0:
+            raise ValueError("durations must be non-negative and keepalive_seconds positive")
+        self._seconds_per_token = seconds_per_token
+        self._keepalive_seconds = keepalive_seconds
+        self._stall_seconds = stall_seconds
+        self._model_id = model_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection (HTTP and lifespan; websockets are refused)."""
+        if scope["type"] == "lifespan":
+            await _run_lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+        elif scope["type"] == "http":
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        if (method, path) == ("POST", "/v1/chat/completions"):
+            await self._chat(receive, send)
+        elif (method, path) == ("GET", "/v1/models"):
+            model = {"id": self._model_id, "object": "model", "created": 1735689600, "owned_by": "guardrail"}
+            await _send_json(send, 200, {"object": "list", "data": [model]})
+        else:
+            await _send_error(send, _BadRequest(404, f"Invalid URL ({method} {path})", None, None))
+
+    async def _chat(self, receive: Receive, send: Send) -> None:
+        try:
+            body = await _read_body(receive)
+            if body is None:
+                return
+            reply = _Reply(_parse_request(body), self._model_id)
+        except _BadRequest as error:
+            await _send_error(send, error)
+            return
+        logger.debug("demo answer %s (stream=%s)", reply.scenario, reply.stream)
+        if not reply.stream:
+            await _send_json(send, 200, reply.completion())
+            return
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(_cancel_on_disconnect, receive, task_group.cancel_scope)
+            try:
+                await self._stream(reply, send)
+            except OSError:
+                logger.debug("client went away during a demo stream")
+            task_group.cancel_scope.cancel()
+
+    async def _stream(self, reply: _Reply, send: Send) -> None:
+        async def emit(event: bytes) -> None:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await emit(_sse_event(reply.chunk({"role": "assistant", "content": ""})))
+        for index, piece in enumerate(reply.pieces):
+            if index == reply.stall_at:
+                await self._stall(emit)
+            await anyio.sleep(self._seconds_per_token)
+            await emit(_sse_event(reply.chunk({"content": piece})))
+        await emit(_sse_event(reply.chunk({}, reply.finish_reason)))
+        if reply.include_usage:
+            await emit(_sse_event(reply.usage_chunk()))
+        await send({"type": "http.response.body", "body": _DONE_EVENT, "more_body": False})
+
+    async def _stall(self, emit: Callable[[bytes], Awaitable[None]]) -> None:
+        with anyio.move_on_after(self._stall_seconds):
+            while True:
+                await anyio.sleep(self._keepalive_seconds)
+                await emit(_KEEPALIVE_EVENT)
+
+
+async def _run_lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
