@@ -9,8 +9,14 @@ Every subcommand is a click command registered on :func:`main`: decorate it with
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from guardrail.exceptions import ConfigProblem
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,3 +73,158 @@ def check(files: tuple[str, ...], schema: bool) -> None:
 
 def _rules(count: int) -> str:
     return f"{count} rule" if count == 1 else f"{count} rules"
+
+
+# The rule file `guardrail serve` uses when no --rules is given, if the current directory has it
+# (a checkout of this repository does).
+DEFAULT_RULES = "rules/default.yaml"
+
+
+@main.command()
+@click.option(
+    "--rules",
+    "rule_files",
+    multiple=True,
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=str),
+    help=f"A rule file; repeat for several. Default: {DEFAULT_RULES}, if it exists here.",
+)
+@click.option(
+    "--upstream",
+    metavar="URL",
+    help="The OpenAI-compatible server to guard, e.g. https://api.openai.com/v1. Default: the built-in demo model.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="The interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker processes (see PROMETHEUS_MULTIPROC_DIR below).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level of the server and the guard.",
+)
+def serve(
+    rule_files: tuple[str, ...], upstream: str | None, host: str, port: int, workers: int, log_level: str
+) -> None:
+    """Run the guarding proxy in front of an OpenAI-compatible model server.
+
+    POST /v1/chat/completions goes to the upstream (streaming or not), with the client's
+    end-to-end headers, Authorization included; streamed answers are guarded by the rules.
+    Other /v1/... paths are forwarded unguarded. GET /metrics serves Prometheus metrics,
+    GET /healthz answers {"status":"ok"}. A fallback with a url gets the client's credentials
+    only if it is on the upstream's origin (scheme, host and port).
+
+    Without --upstream, the built-in demo model answers: no API key needed. Ask it for an API
+    key, the roadmap, a customer record, a long story, or to stall, and watch the rules work.
+
+    Rule files are reloaded when they change, or on SIGHUP; a broken edit is refused (its
+    problems are logged) and the rules in force stay. Streams in flight keep their rules.
+
+    With --workers N above 1, each worker counts its own metrics: set PROMETHEUS_MULTIPROC_DIR
+    to an empty directory first for /metrics to sum them. Workers start from the factory
+    guardrail.proxy.app:create_app, configured by GUARDRAIL_RULES and GUARDRAIL_UPSTREAM.
+
+    \b
+    Examples:
+      guardrail serve --rules rules/default.yaml
+      guardrail serve --rules rules/default.yaml --upstream https://api.openai.com/v1
+      curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+        -d '{"model":"demo","stream":true,"messages":[{"role":"user","content":"What is the API key?"}]}'
+    """
+    from guardrail.exceptions import ConfigError
+    from guardrail.proxy.app import ServeSettings, run
+
+    if not rule_files:
+        if not os.path.isfile(DEFAULT_RULES):
+            raise click.UsageError(f"give a rule file with --rules FILE (there is no {DEFAULT_RULES} here)")
+        rule_files = (DEFAULT_RULES,)
+    try:
+        run(ServeSettings(rule_files, upstream), host=host, port=port, workers=workers, log_level=log_level)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        raise SystemExit(1) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@main.command()
+@click.option(
+    "--rules",
+    "rule_files",
+    multiple=True,
+    required=True,
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="A rule file; repeat for several.",
+)
+@click.argument("stream_file", metavar="STREAM_FILE", type=click.Path(dir_okay=False, allow_dash=True, path_type=str))
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Feed the recording in pieces of N bytes instead of one event at a time.",
+)
+@click.option(
+    "--path",
+    default="/v1/chat/completions",
+    show_default=True,
+    help="The request path the stream answered (rule files guard paths they list).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def replay(rule_files: tuple[str, ...], stream_file: str, chunk_size: int | None, path: str, as_json: bool) -> None:
+    """Show what the client would see of a recorded stream, through rule files.
+
+    STREAM_FILE is the raw body of an OpenAI chat completion stream ("-" reads stdin), e.g.
+    captured with curl -N ... > answer.sse. It is fed to the guard one event at a time, as a
+    server sends it (or in --chunk-size pieces), and the command prints the text the client
+    would receive per channel, the finish reasons, whether [DONE] came, any error event, a
+    table of the rule hits (rule, action, channel, start and end offsets in the channel's
+    text, characters leaked, detail) and how the stream ended.
+
+    Time-based rules never fire in a replay: a recording holds no timing.
+
+    Exits with status 0 when the replay ran (whatever the rules did), 1 when the recording
+    or a rule file cannot be read or a rule file is invalid, 2 on usage errors.
+
+    \b
+    Examples:
+      guardrail replay --rules rules/default.yaml answer.sse
+      guardrail replay --rules rules/default.yaml --chunk-size 7 --json answer.sse
+    """
+    from guardrail.config import load_rules
+    from guardrail.exceptions import ConfigError
+    from guardrail.replay import render_text, replay as run_replay
+
+    try:
+        with click.open_file(stream_file, "rb") as stream:
+            data = stream.read()
+    except OSError as exc:
+        click.echo(f"{stream_file}: cannot read the recording: {exc.strerror or exc}", err=True)
+        raise SystemExit(1) from None
+    try:
+        ruleset = load_rules(list(rule_files))
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        raise SystemExit(1) from None
+    rules = ruleset.rules_for(path)
+    if not rules:
+        click.echo(f"warning: no rule in {', '.join(rule_files)} guards the path {path}", err=True)
+    result = run_replay(data, rules, chunk_size=chunk_size)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(render_text(result))
+
+
+def _print_problems(problems: Sequence[ConfigProblem]) -> None:
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    count = len(problems)
+    click.echo(f"{count} problem{'s' if count != 1 else ''} found.", err=True)

@@ -12,19 +12,29 @@ Whoever ends the stream first wins: the guard (a rule tripped, a deadline passed
 (it went away) or the app (it finished or failed). Every send goes through one lock. When the
 guard ends a stream early, its ending goes out with ``more_body: False`` and then the app's
 scope is cancelled, so the app's generators close and an upstream model behind it stops.
+
+A fallback with ``url`` ends the app's part only: the safe prefix goes out with the body still
+open, the app is cancelled, and once it has stopped the request task sends the original request
+to the fallback upstream and streams its answer, through a continuation guard, into the same
+response (``_branch``; the HTTP half is :mod:`guardrail.asgi.branch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import cast
 
 import anyio
+import httpx
 
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
+from guardrail.asgi.branch import FallbackRequest, FallbackUnavailable, display_url, fallback_request, open_fallback
 from guardrail.asgi.record import RuleHit, StreamRecord, log_record
 from guardrail.asgi.request import ChatRequest, read_request
 from guardrail.config import RuleSet, load_rules
@@ -108,6 +118,7 @@ class _GuardedResponse:
         self.armed = anyio.Event()  # set when a guard with deadlines appears
         self.record: StreamRecord | None = None
         self.texts: dict[str, str] = {}
+        self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
 
     async def run(self, receive: Receive) -> None:
         self.request, self.replay, whole = await read_request(receive)
@@ -119,11 +130,14 @@ class _GuardedResponse:
                 tasks.start_soon(self._listen_for_disconnect, receive)
             app_receive = self._receive_for_app if whole else self._receive_then(receive)
             try:
-                with self.app_scope:
-                    await self.middleware.app(self.scope, app_receive, self.send)
-                await self._app_returned()
-            except Exception as exc:
-                await self._app_failed(exc)
+                try:
+                    with self.app_scope:
+                        await self.middleware.app(self.scope, app_receive, self.send)
+                    await self._app_returned()
+                except Exception as exc:
+                    await self._app_failed(exc)
+                if self.branch is not None:
+                    await self._branch(self.branch)
             finally:
                 tasks.cancel_scope.cancel()
         self._finish()
@@ -161,18 +175,21 @@ class _GuardedResponse:
     # -- send -------------------------------------------------------------------------------
 
     async def send(self, message: Message) -> None:
-        if self.closed:
+        if self.closed or self.branch is not None:
             # The stream has ended; the app is being cancelled. Nothing more goes out.
             await anyio.lowlevel.checkpoint()
             return
-        message_type = message["type"]
-        if message_type == "http.response.start":
-            message = self._start(message)
-        elif message_type == "http.response.body" and self.guard is not None:
-            async with self.send_lock:
-                await self._body(message)
-            return
         async with self.send_lock:
+            if self.closed or self.branch is not None:
+                return  # ended while this message waited for the lock
+            message_type = message["type"]
+            if message_type == "http.response.start":
+                if self.response_started:
+                    return  # the guard answered in the app's place (a deadline passed first)
+                message = self._start(message)
+            elif message_type == "http.response.body" and self.guard is not None:
+                await self._body(message)
+                return
             await self.downstream(message)
 
     def _start(self, message: Message) -> Message:
@@ -197,7 +214,7 @@ class _GuardedResponse:
 
     def _arm(self) -> None:
         if self.guard is None:
-            identity = {"id": f"chatcmpl-guardrail-{uuid.uuid4().hex[:24]}", "created": int(self.start)}
+            identity = {"id": f"chatcmpl-guardrail-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
             if self.request.model:
                 identity["model"] = self.request.model
             self.guard = StreamGuard(self.rules, start=self.start, identity=identity)
@@ -215,6 +232,8 @@ class _GuardedResponse:
 
     async def _body(self, message: Message) -> None:
         """Guard one body message (called with the send lock held)."""
+        if self.branch is not None:
+            return  # a url fallback fired while this message waited for the lock: the app's part is over
         guard = self.guard
         assert guard is not None
         now = anyio.current_time()
@@ -230,10 +249,13 @@ class _GuardedResponse:
     async def _emit(self, outputs: list[Output], *, more_body: bool) -> None:
         """Send what the guard produced; end the body and stop the app if it ended the stream."""
         data, ended = self._digest(outputs)
-        if ended is not None:
+        if ended is not None and ended.fallback is not None and ended.fallback.url is not None:
+            self.branch = ended  # the body stays open for the fallback's answer (see _branch)
+            more_body = True
+        elif ended is not None:
             more_body = False
         try:
-            if not self.response_started:
+            if not self.response_started and (data or ended is not None):
                 # A deadline passed before the app started its response: answer in its place.
                 self.response_started = True
                 headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]
@@ -247,7 +269,8 @@ class _GuardedResponse:
         if not more_body:
             self.closed = True
         if ended is not None:
-            self._settle(ended.outcome)
+            if ended is not self.branch:
+                self._settle(ended.outcome)
             if ended.outcome is not Outcome.COMPLETED:
                 # Stop the app at its next checkpoint: its generators close, upstream generation stops.
                 self.app_scope.cancel()
@@ -303,7 +326,7 @@ class _GuardedResponse:
                 await self._emit(self.guard.close(anyio.current_time()), more_body=False)
 
     async def _app_failed(self, exc: Exception) -> None:
-        if self.closed:
+        if self.closed or self.branch is not None:
             logger.debug("app raised after its stream ended: %r", exc)
             return
         if self.response_started and self.guard is None:
@@ -327,6 +350,92 @@ class _GuardedResponse:
             await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
         except OSError:
             self._client_went_away()
+
+    # -- url fallback -----------------------------------------------------------------------
+
+    async def _branch(self, ended: Ended) -> None:
+        """Stream a url fallback's answer after the safe prefix: the app has stopped by now."""
+        assert self.guard is not None and ended.fallback is not None and ended.fallback.url is not None
+        if self.closed:
+            return  # the client left while the app was stopping: nobody to answer
+        fallback = ended.fallback
+        now = anyio.current_time()
+        # The same rules guard the fallback's answer; its chunks join the first stream's identity.
+        guard = StreamGuard(self.rules, start=now, identity=self.guard.identity, continuation=True)
+        request = fallback_request(self.request, fallback, self.scope)
+        if request is None:
+            logger.warning(
+                "rule %s: fallback %r has nothing to re-send (the request body was too large or not a JSON object); "
+                "ending the stream as an abort",
+                ended.rule,
+                fallback.name,
+            )
+            async with self.send_lock:
+                if not self.closed:
+                    await self._emit_branch(guard.abort(now))
+            return
+        logger.info("rule %s: branching to fallback %r at %s", ended.rule, fallback.name, display_url(request.url))
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._end_branch_on_disconnect, tasks.cancel_scope)
+            tasks.start_soon(self._watch_branch_deadlines, guard, tasks.cancel_scope)
+            try:
+                await self._relay_fallback(guard, request)
+            finally:
+                tasks.cancel_scope.cancel()
+
+    async def _relay_fallback(self, guard: StreamGuard, request: FallbackRequest) -> None:
+        try:
+            async with open_fallback(request) as response:
+                chunks = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        async with self.send_lock:
+                            if not self.closed:
+                                await self._emit_branch(self._feed_branch(guard, chunk))
+                        if self.closed:
+                            return  # ended (a second trip, a time limit) or the client left: stop the fallback
+        except FallbackUnavailable as exc:
+            logger.warning("%s; ending the stream as an abort", exc)
+            outputs = guard.abort(anyio.current_time())
+        except httpx.TransportError as exc:
+            logger.warning("the fallback upstream failed mid-stream: %s", type(exc).__name__)
+            outputs = guard.upstream_failed(f"{type(exc).__name__} in the fallback answer", anyio.current_time())
+        else:
+            outputs = guard.close(anyio.current_time())
+        async with self.send_lock:
+            if not self.closed:
+                await self._emit_branch(outputs)
+
+    def _feed_branch(self, guard: StreamGuard, chunk: bytes) -> list[Output]:
+        now = anyio.current_time()
+        deltas = guard.deltas
+        outputs = guard.feed(chunk, now)
+        if guard.deltas > deltas:
+            self.metrics.delta(StreamGuard.dialect, anyio.current_time() - now, guard.deltas - deltas)
+        return outputs
+
+    async def _emit_branch(self, outputs: list[Output]) -> None:
+        ended = next((output for output in outputs if isinstance(output, Ended)), None)
+        if ended is not None and self.branch is not None:
+            # A fallback answer that completes counts as what sent the stream there (a trip, a
+            # timeout); one that ends otherwise, as what ended it.
+            self._settle(self.branch.outcome if ended.outcome is Outcome.COMPLETED else ended.outcome)
+        await self._emit(outputs, more_body=ended is None)
+
+    async def _end_branch_on_disconnect(self, scope: anyio.CancelScope) -> None:
+        await self.client_gone.wait()
+        scope.cancel()
+
+    async def _watch_branch_deadlines(self, guard: StreamGuard, scope: anyio.CancelScope) -> None:
+        while not self.closed and (deadline := guard.deadline) is not None:
+            await anyio.sleep_until(deadline)
+            async with self.send_lock:
+                if not self.closed:
+                    await self._emit_branch(guard.expire(anyio.current_time()))
+        if self.closed:
+            scope.cancel()  # a time limit ended the stream: stop reading the fallback
+
+    # -- outcome ----------------------------------------------------------------------------
 
     def _settle(self, outcome: Outcome) -> None:
         if self.outcome is None:

@@ -21,17 +21,26 @@ clock: the shell passes ``now`` to every call, asks :attr:`StreamGuard.deadline`
 and calls :meth:`StreamGuard.expire` then.
 
 After the guard has ended a stream, ``feed`` returns nothing: the shell stops the app.
+
+Continuations
+-------------
+When a fallback with ``url`` fires, the shell streams another upstream's answer into the same
+response. It feeds that answer to a second guard made with ``continuation=True`` and the first
+guard's :attr:`StreamGuard.identity`: every chunk is re-rendered with the first stream's ``id``,
+``created`` and ``model``, role deltas are dropped (the client already has one), and a rule with
+``action: fallback`` acts as ``abort``, so a second trip ends the stream instead of branching again.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from guardrail.core.openai_chat import DIALECT, Channel, ChatRenderer, EventKind, ParsedEvent, parse
 from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Outcome, Output, Released, Send
-from guardrail.core.rule import Action, BoundRule, Checker, Hit, Rule, TimedRule, Timer, Verdict
-from guardrail.core.sse import SSEDecoder, SSEEvent
+from guardrail.core.rule import Action, BoundRule, Checker, Fallback, Hit, Rule, TimedRule, Timer, Verdict
+from guardrail.core.sse import SSEDecoder, SSEEvent, encode_event
 from guardrail.exceptions import RuleError, SSEError
 
 # When two hits start at the same offset, the stronger action wins.
@@ -159,12 +168,19 @@ class StreamGuard:
         start: when the request started, on the clock the shell passes as ``now``.
         identity: ``id``, ``created`` and ``model`` for chunks the guard writes before the
             stream has sent one of its own (a fallback before the first token).
+        continuation: guard another upstream's answer spliced into a stream that ``identity``
+            (the first guard's :attr:`identity`) already started: see the module docstring.
     """
 
     dialect = DIALECT
 
     def __init__(
-        self, rules: Sequence[BoundRule], *, start: float = 0.0, identity: Mapping[str, Any] | None = None
+        self,
+        rules: Sequence[BoundRule],
+        *,
+        start: float = 0.0,
+        identity: Mapping[str, Any] | None = None,
+        continuation: bool = False,
     ) -> None:
         self._rules = tuple(rules)
         self._text_rules = tuple(rule for rule in self._rules if isinstance(rule.rule, Rule))
@@ -173,6 +189,7 @@ class StreamGuard:
         ]
         self._decoder = SSEDecoder()
         self._renderer = ChatRenderer(identity)
+        self._continuation = dict(self._renderer.template) if continuation else None
         self._channels: dict[Channel, _ChannelGuard] = {}
         self._ended = False
         self._reported_unknown = False
@@ -183,6 +200,14 @@ class StreamGuard:
     def ended(self) -> bool:
         """True once the guard has ended the stream (or seen it close)."""
         return self._ended
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The stream's identity as its chunks carry it (``id``, ``object``, ``created``, ``model``...).
+
+        Pass it to the guard of a continuation, so that its chunks join this stream.
+        """
+        return dict(self._renderer.template)
 
     @property
     def deadline(self) -> float | None:
@@ -297,10 +322,42 @@ class StreamGuard:
         out.append(Ended(Outcome.UPSTREAM_ERROR))
         return self._flush(wire, out)
 
+    def abort(self, now: float = 0.0) -> list[Output]:
+        """End the stream now, as an ``abort`` rule would.
+
+        What is safe is released, every open choice finishes with ``content_filter``, then
+        ``[DONE]``. For a shell that cannot go on, such as one whose url fallback did not answer.
+
+        Returns:
+            The outputs, ending with ``Ended(Outcome.ABORTED)`` (or with what ended the stream
+            if releasing the held text tripped a rule); nothing if the stream has already ended.
+        """
+        if self._ended:
+            return []
+        out: list[Output] = []
+        wire = bytearray()
+        try:
+            self._flush_channels(self._channels.values(), now, wire, out)
+        except _Trip as trip:
+            self._trip(trip, wire, out)
+            return self._flush(wire, out)
+        except RuleError as exc:
+            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+            return self._flush(wire, out)
+        self._ended = True
+        wire += self._renderer.finish("content_filter") + self._renderer.done()
+        out.append(Ended(Outcome.ABORTED))
+        return self._flush(wire, out)
+
     # -- events ---------------------------------------------------------------------------
 
     def _handle(self, event: SSEEvent, now: float, wire: bytearray, out: list[Output]) -> None:
         parsed = parse(event)
+        if self._continuation is not None:
+            adopted = _adopt(parsed, self._continuation)
+            if adopted is None:
+                return
+            parsed = adopted
         kind = parsed.kind
         if kind is EventKind.CHUNK:
             self._renderer.observe(parsed)
@@ -382,7 +439,7 @@ class StreamGuard:
     def _trip(self, trip: _Trip, wire: bytearray, out: list[Output]) -> None:
         rule = trip.rule
         self._ended = True
-        fallback = rule.fallback
+        fallback = self._fallback_of(rule)
         if rule.action is Action.FALLBACK and fallback is not None and fallback.url is not None:
             out.append(Ended(Outcome.FALLBACK, rule.name, fallback))
             return
@@ -397,7 +454,7 @@ class StreamGuard:
 
     def _time_out(self, rule: BoundRule, code: str, wire: bytearray, out: list[Output]) -> None:
         self._ended = True
-        fallback = rule.fallback
+        fallback = self._fallback_of(rule)
         if rule.action is Action.FALLBACK and fallback is not None and fallback.url is not None:
             out.append(Ended(Outcome.TIMEOUT, rule.name, fallback))
             return
@@ -407,6 +464,10 @@ class StreamGuard:
             message = f"guardrail ended the stream: {_TIMEOUT_MESSAGES.get(code, code)} (rule {rule.name!r})"
             wire += self._renderer.error(message, type="timeout", code=code)
         out.append(Ended(Outcome.TIMEOUT, rule.name))
+
+    def _fallback_of(self, rule: BoundRule) -> Fallback | None:
+        # A continuation is already the fallback: a second trip aborts rather than branching again.
+        return None if self._continuation is not None else rule.fallback
 
     def _fail(self, kind: AnomalyKind, detail: str, code: str, wire: bytearray, out: list[Output]) -> None:
         self._ended = True
@@ -436,3 +497,36 @@ _TIMEOUT_MESSAGES = {
 def _stop_reason(rule: BoundRule) -> str:
     reason = getattr(rule.rule, "stop_reason", "content_filter")
     return reason if isinstance(reason, str) else "content_filter"
+
+
+def _adopt(parsed: ParsedEvent, identity: Mapping[str, Any]) -> ParsedEvent | None:
+    """A continuation's event as the first stream would carry it: its identity, and no role delta.
+
+    Returns None for an event left with nothing to say (the continuation's own role chunk).
+    """
+    obj = parsed.obj
+    if obj is None or parsed.kind not in (EventKind.CHUNK, EventKind.PASS):
+        return parsed
+    adopted = {**obj, **identity}
+    choices = adopted.get("choices")
+    dropped_role = False
+    for choice in choices if isinstance(choices, list) else ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and delta.pop("role", None) is not None:
+            dropped_role = True
+    if dropped_role and parsed.kind is EventKind.PASS and not adopted.get("usage") and not _says_something(choices):
+        return None
+    data = json.dumps(adopted, ensure_ascii=True, separators=(",", ":"))
+    return parse(SSEEvent(encode_event(data), data))
+
+
+def _says_something(choices: object) -> bool:
+    """Whether any choice has a finish reason or a delta value other than null or empty."""
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        values = delta.values() if isinstance(delta, dict) else ()
+        if choice.get("finish_reason") is not None or any(value not in (None, "", []) for value in values):
+            return True
+    return False

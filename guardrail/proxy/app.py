@@ -1,0 +1,301 @@
+"""``guardrail serve``: the OpenAI-compatible guarding proxy as one ASGI app, and how to run it.
+
+Routes of :class:`GuardingProxy`:
+
+=========================  =================================================================
+``/v1/chat/completions``   forwarded to the upstream (or the demo model), guarded by the rules
+other ``/v1/...``          forwarded unguarded (models list, embeddings...)
+``/metrics``               Prometheus metrics (see :mod:`guardrail.metrics`)
+``/healthz``               ``{"status":"ok"}``
+=========================  =================================================================
+
+The rules are reloaded while the proxy runs (see :mod:`guardrail.proxy.reload`); the reload
+watcher and the upstream client live in the app's lifespan, so serve it with lifespan on.
+
+Several worker processes
+------------------------
+uvicorn starts each worker from an import string, so ``guardrail serve --workers N`` passes its
+settings in environment variables that :func:`create_app` (``guardrail.proxy.app:create_app``,
+a factory) reads in every worker:
+
+* ``GUARDRAIL_RULES``: the rule files, separated by ``os.pathsep`` (``:`` on Unix);
+* ``GUARDRAIL_UPSTREAM``: the upstream base URL; unset or empty for the demo model.
+
+The same factory serves under any ASGI server, e.g.
+``GUARDRAIL_RULES=rules/default.yaml uvicorn --factory guardrail.proxy.app:create_app``.
+Each worker counts its own metrics: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory
+before starting for ``/metrics`` to sum all workers (guardrail never creates or empties it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from prometheus_client import CollectorRegistry
+
+from guardrail._types import ASGIApp, Receive, Scope, Send
+from guardrail.asgi.branch import CREDENTIAL_ORIGINS_KEY, display_url, origin_of
+from guardrail.config import RuleSet, load_rules
+from guardrail.metrics import GuardMetrics, metrics_app
+from guardrail.proxy.demo import DemoModel
+from guardrail.proxy.reload import DEFAULT_POLL_SECONDS, ReloadingGuard
+from guardrail.proxy.upstream import UpstreamProxy
+
+logger = logging.getLogger(__name__)
+
+ENV_RULES = "GUARDRAIL_RULES"
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How long in-flight streams may take to finish once the server is asked to stop.
+GRACEFUL_SHUTDOWN_SECONDS = 10.0
+ENV_UPSTREAM = "GUARDRAIL_UPSTREAM"
+CHAT_PATH = "/v1/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """What ``guardrail serve`` serves.
+
+    Attributes:
+        rules: the rule files.
+        upstream: the upstream base URL (e.g. ``https://api.openai.com/v1``); None for the
+            built-in demo model.
+    """
+
+    rules: tuple[str, ...]
+    upstream: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
+        """Read the settings from ``GUARDRAIL_RULES`` and ``GUARDRAIL_UPSTREAM``.
+
+        Args:
+            environ: the environment; ``os.environ`` if None.
+
+        Returns:
+            The settings.
+
+        Raises:
+            ValueError: ``GUARDRAIL_RULES`` is unset or empty.
+        """
+        env = os.environ if environ is None else environ
+        rules = tuple(path for path in env.get(ENV_RULES, "").split(os.pathsep) if path)
+        if not rules:
+            raise ValueError(f"{ENV_RULES} must name at least one rule file (several separated by {os.pathsep!r})")
+        return cls(rules, env.get(ENV_UPSTREAM) or None)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables :meth:`from_env` reads back into these settings."""
+        return {ENV_RULES: os.pathsep.join(self.rules), ENV_UPSTREAM: self.upstream or ""}
+
+    def describe_model(self) -> str:
+        """What answers, for the log: the upstream without credentials, or the demo model."""
+        return f"upstream {display_url(self.upstream)}" if self.upstream else "the built-in demo model"
+
+
+class GuardingProxy:
+    """The ``guardrail serve`` ASGI app: routes, the guarded model app, metrics and health.
+
+    Build it with :func:`build_app` or :func:`create_app`.
+    """
+
+    def __init__(
+        self, settings: ServeSettings, guard: ReloadingGuard, model: ASGIApp, metrics: ASGIApp, *, owns_model: bool
+    ) -> None:
+        self.settings = settings
+        self.guard = guard
+        self.model = model
+        self.metrics = metrics
+        self._owns_model = owns_model
+        origin = origin_of(settings.upstream) if settings.upstream else None
+        # The upstream already receives the client's credentials: a url fallback there may too.
+        self._credential_origins = (origin,) if origin else ()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+        elif scope["type"] == "http":
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path == CHAT_PATH:
+            await self.guard({**scope, CREDENTIAL_ORIGINS_KEY: self._credential_origins}, receive, send)
+        elif path.startswith("/v1/"):
+            await self.model(scope, receive, send)
+        elif path == "/metrics":
+            await self.metrics(scope, receive, send)
+        elif path == "/healthz":
+            await _send_json(send, 200, {"status": "ok"})
+        else:
+            error = {"message": f"Not found: {path}", "type": "invalid_request_error", "param": None, "code": None}
+            await _send_json(send, 404, {"error": error})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(self.guard.watch)
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            tasks.cancel_scope.cancel()
+        if self._owns_model and isinstance(self.model, UpstreamProxy):
+            await self.model.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def build_app(
+    settings: ServeSettings,
+    *,
+    rules: RuleSet | None = None,
+    registry: CollectorRegistry | None = None,
+    model: ASGIApp | None = None,
+    poll_seconds: float = DEFAULT_POLL_SECONDS,
+) -> GuardingProxy:
+    """Build the guarding proxy.
+
+    Args:
+        settings: the rule files and the upstream.
+        rules: the rule files' rules if already loaded (they are loaded otherwise).
+        registry: the Prometheus registry to count into and export; the default one if None.
+        model: the app that answers instead of the upstream or demo model (tests, embedding);
+            it is not closed at shutdown.
+        poll_seconds: how often rule files are checked for changes.
+
+    Returns:
+        The ASGI app.
+
+    Raises:
+        ConfigError: a rule file is invalid.
+        ValueError: the upstream is not an absolute http(s) URL.
+    """
+    owns_model = model is None
+    if model is None:
+        model = UpstreamProxy(settings.upstream) if settings.upstream else DemoModel()
+    metrics = GuardMetrics(registry)
+    guard = ReloadingGuard(model, paths=settings.rules, metrics=metrics, rules=rules, poll_seconds=poll_seconds)
+    return GuardingProxy(settings, guard, model, metrics_app(registry), owns_model=owns_model)
+
+
+def create_app() -> GuardingProxy:
+    """The proxy, configured from ``GUARDRAIL_RULES`` and ``GUARDRAIL_UPSTREAM``: a factory for uvicorn.
+
+    Returns:
+        The ASGI app.
+
+    Raises:
+        ValueError: ``GUARDRAIL_RULES`` is unset, or the upstream is not an http(s) URL.
+        ConfigError: a rule file is invalid.
+    """
+    return build_app(ServeSettings.from_env())
+
+
+async def _send_json(send: Send, status: int, payload: Any) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def run(settings: ServeSettings, *, host: str, port: int, workers: int = 1, log_level: str = "info") -> None:
+    """Serve the proxy with uvicorn until interrupted (Ctrl+C or SIGTERM).
+
+    Args:
+        settings: the rule files and the upstream; checked before anything is bound.
+        host: the interface to listen on.
+        port: the port; 0 picks a free one (the log says which).
+        workers: worker processes; above 1 each starts from :func:`create_app` with ``settings``
+            in the environment (see the module docstring).
+        log_level: ``debug``, ``info``, ``warning`` or ``error``, for uvicorn's and guardrail's logs.
+
+    Raises:
+        ConfigError: a rule file is invalid.
+        ValueError: the upstream is not an http(s) URL, or ``PROMETHEUS_MULTIPROC_DIR`` is not a directory.
+        SystemExit: the server could not start (the port is taken, say): uvicorn logs why.
+    """
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    rules = load_rules(settings.rules)  # fails before binding, with every problem listed
+    if settings.upstream is not None and origin_of(settings.upstream) is None:
+        raise ValueError(f"--upstream must be an absolute http(s) URL, got {display_url(settings.upstream)!r}")
+    proxying = settings.upstream is not None
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "lifespan": "on",
+        "log_config": _log_config(log_level),
+        "log_level": log_level,
+        # The upstream's own `server` and `date` headers pass through; uvicorn's would duplicate them.
+        "server_header": not proxying,
+        "date_header": not proxying,
+        # A stalled stream must not hold a Ctrl+C for minutes; in-flight streams get this long to end.
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+    }
+    if workers > 1:
+        os.environ.update(settings.to_env())  # read back by create_app in every worker
+        config = uvicorn.Config("guardrail.proxy.app:create_app", factory=True, workers=workers, **options)
+        _check_multiprocess_metrics(workers)  # after Config, which sets up logging
+    else:
+        config = uvicorn.Config(build_app(settings, rules=rules), **options)
+    sock = config.bind_socket()
+    logger.info("guarding %s with rules from %s", settings.describe_model(), ", ".join(settings.rules))
+    where = f"[{host}]" if ":" in host else host
+    logger.info("listening on http://%s:%d (Ctrl+C to stop)", where, sock.getsockname()[1])
+    if workers > 1:
+        Multiprocess(config, sockets=[sock]).run()
+        return
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl+C it shut down for
+        server.run(sockets=[sock])
+    if not server.started:
+        raise SystemExit(1)
+
+
+def _check_multiprocess_metrics(workers: int) -> None:
+    directory = os.environ.get(_MULTIPROC_ENV)
+    if not directory:
+        logger.warning(
+            "%d workers count their metrics separately: each scrape of /metrics shows one worker's. "
+            "Set %s to an empty directory to sum them.",
+            workers,
+            _MULTIPROC_ENV,
+        )
+        return
+    if not os.path.isdir(directory):
+        raise ValueError(f"{_MULTIPROC_ENV}={directory!r} is not a directory; create it (empty) first")
+    if os.listdir(directory):
+        logger.warning(
+            "%s=%s is not empty: values left by an earlier run are summed in; empty it before each start",
+            _MULTIPROC_ENV,
+            directory,
+        )
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    # Worker processes configure logging from this dict, so guardrail's loggers must be in it.
+    config["formatters"]["guardrail"] = {
+        "()": "uvicorn.logging.DefaultFormatter",
+        "fmt": "%(levelprefix)s %(name)s: %(message)s",
+        "use_colors": None,
+    }
+    config["handlers"]["guardrail"] = {
+        "formatter": "guardrail",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    config["loggers"]["guardrail"] = {"handlers": ["guardrail"], "level": level.upper(), "propagate": False}
+    return config

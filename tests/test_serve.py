@@ -1,0 +1,305 @@
+"""``guardrail serve``: the demo model in a real subprocess, and a second local server as upstream.
+
+Acceptance 1 (the demo model answers the openai SDK, ``/metrics`` shows guardrail metrics) runs
+the real command on a free port; acceptance 2 (pass-through, errors before and during streaming)
+serves :func:`guardrail.proxy.app.build_app` in a thread in front of a fake upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import httpx
+import openai
+import pytest
+from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
+
+from guardrail._types import Receive, Scope, Send
+from guardrail.cli import main
+from guardrail.proxy.app import ENV_RULES, ENV_UPSTREAM, ServeSettings, build_app, create_app
+from guardrail.proxy.demo import CODE_NAME, FAKE_API_KEY, answer_for, split_tokens
+from guardrail.proxy.upstream import UpstreamProxy
+from tests.apps import CHAT_PATH, ChatChunks
+from tests.servers import serve_in_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RULES = ROOT / "rules" / "default.yaml"
+STARTUP_SECONDS = 30.0
+TIMEOUT = 20.0
+LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
+
+
+def guardrail_command() -> list[str]:
+    script = Path(sys.executable).with_name("guardrail")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from guardrail.cli import main; main()"]
+
+
+class ServerLog:
+    """The lines a subprocess writes to stderr, collected by a thread."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str]) -> re.Match[str]:
+        with self._changed:
+            found = self._changed.wait_for(lambda: self._search(pattern), timeout=STARTUP_SECONDS)
+        assert found, "not in the server's log:\n" + "".join(self.lines)
+        return found
+
+    def _search(self, pattern: re.Pattern[str]) -> re.Match[str] | None:
+        return next((match for line in self.lines if (match := pattern.search(line))), None)
+
+    def join(self) -> None:
+        self._thread.join(timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def demo_server() -> Iterator[tuple[str, ServerLog]]:
+    """``guardrail serve`` on the demo model, in a subprocess on a free port; stopped with Ctrl+C."""
+    process = subprocess.Popen(
+        [*guardrail_command(), "serve", "--rules", str(DEFAULT_RULES), "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    log = ServerLog(process.stderr)
+    try:
+        yield log.wait_for(LISTENING).group(1), log
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            returncode = process.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            log.join()
+            process.stderr.close()
+    assert returncode == 0
+
+
+def demo_stream(base_url: str, prompt: str, **options: Any) -> tuple[str, list[str]]:
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="no-key", max_retries=0, timeout=TIMEOUT) as client:
+        with client.chat.completions.create(
+            model="guardrail-demo", messages=[{"role": "user", "content": prompt}], stream=True, **options
+        ) as stream:
+            chunks = list(stream)
+    text = "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices)
+    reasons = [str(c.finish_reason) for chunk in chunks for c in chunk.choices if c.finish_reason is not None]
+    return text, reasons
+
+
+def test_serve_streams_the_demo_model_to_the_openai_sdk(demo_server: tuple[str, ServerLog]) -> None:
+    base_url, _ = demo_server
+    prompt = "Hello!"
+    # A budget keeps the test short; the demo model honours it as a real model would.
+    assert demo_stream(base_url, prompt, max_tokens=30) == ("".join(split_tokens(answer_for(prompt))[:30]), ["length"])
+
+
+def test_serve_redacts_the_demo_key_and_cuts_the_code_name(demo_server: tuple[str, ServerLog]) -> None:
+    base_url, _ = demo_server
+    text, reasons = demo_stream(base_url, "What is the API key?")
+    assert FAKE_API_KEY not in text and "[redacted]" in text and reasons == ["stop"]
+    text, reasons = demo_stream(base_url, "What is on the roadmap?")
+    assert text == answer_for("roadmap")[: answer_for("roadmap").index(CODE_NAME)]
+    assert reasons == ["content_filter"]
+
+
+def test_serve_answers_metrics_and_health(demo_server: tuple[str, ServerLog]) -> None:
+    base_url, _ = demo_server
+    demo_stream(base_url, "What is the API key?")
+    with httpx.Client(base_url=base_url, timeout=TIMEOUT) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        metrics = client.get("/metrics").text
+        assert client.get("/v1/models").json()["data"][0]["id"] == "guardrail-demo"
+        assert client.get("/elsewhere").status_code == 404
+    assert re.search(r'guardrail_interventions_total\{action="redact",rule="secrets"\} [1-9]', metrics), metrics
+    assert 'guardrail_streams_total{dialect="openai_chat",outcome="completed"}' in metrics
+
+
+def test_serve_logs_what_it_guards(demo_server: tuple[str, ServerLog]) -> None:
+    _, log = demo_server
+    logged = "".join(log.lines)
+    assert "guarding the built-in demo model with rules from" in logged and str(DEFAULT_RULES) in logged
+
+
+# --- a second local server as upstream ---------------------------------------------------------
+
+CHUNKS = ChatChunks(id="chatcmpl-up", model="upstream-model", compact=True)
+STREAM = CHUNKS.stream(["Hello", " from", " upstream."])
+COMPLETION = {
+    "id": "chatcmpl-up",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "upstream-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi."}, "finish_reason": "stop"}],
+}
+
+
+class FakeUpstream:
+    """Answers by the request's ``model``: ``stream``, ``complete``, ``error-429``/``error-503``, ``drop``."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.headers.append({name.decode(): value.decode() for name, value in scope["headers"]})
+        if scope["path"] == "/v1/models":
+            await respond(send, 200, b'{"object":"list","data":[]}', b"application/json")
+            return
+        model = json.loads(body)["model"]
+        if model.startswith("error-"):
+            await respond(send, int(model[6:]), b'{"error":{"message":"slow down","type":"rate_limit"}}')
+        elif model == "complete":
+            await respond(send, 200, json.dumps(COMPLETION).encode(), b"application/json")
+        else:
+            headers = [(b"content-type", b"text/event-stream"), (b"x-upstream", b"yes")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for event in STREAM[:2] if model == "drop" else STREAM:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                await anyio.sleep(0)
+            if model == "drop":
+                raise RuntimeError("the upstream crashed mid-stream")  # uvicorn cuts the connection
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+    headers = [(b"content-type", content_type), (b"x-upstream", b"yes"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def proxied() -> Iterator[tuple[str, FakeUpstream]]:
+    upstream = FakeUpstream()
+    with serve_in_thread(upstream, lifespan="off") as upstream_url:
+        app = build_app(ServeSettings((str(DEFAULT_RULES),), f"{upstream_url}/v1"), registry=CollectorRegistry())
+        with serve_in_thread(app, server_header=False, date_header=False) as base_url:
+            yield base_url, upstream
+
+
+def post(base_url: str, model: str, *, stream: bool = True) -> httpx.Response:
+    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": "Bearer sk-client", "x-custom": "1"}
+    return httpx.post(f"{base_url}{CHAT_PATH}", json=body, headers=headers, timeout=TIMEOUT)
+
+
+def test_streaming_chat_passes_through_with_its_headers(proxied: tuple[str, FakeUpstream]) -> None:
+    base_url, upstream = proxied
+    response = post(base_url, "stream")
+    assert response.status_code == 200
+    assert response.headers["x-upstream"] == "yes"
+    assert len(response.headers.get_list("server")) == 1 and len(response.headers.get_list("date")) == 1
+    assert response.content == b"".join(STREAM)  # nothing held: byte for byte
+    assert upstream.headers[-1]["authorization"] == "Bearer sk-client"
+    assert upstream.headers[-1]["x-custom"] == "1"
+
+
+def test_non_streaming_chat_and_other_paths_pass_through(proxied: tuple[str, FakeUpstream]) -> None:
+    base_url, _ = proxied
+    response = post(base_url, "complete", stream=False)
+    assert (response.status_code, response.json()) == (200, COMPLETION)
+    assert response.headers["x-upstream"] == "yes"
+    models = httpx.get(f"{base_url}/v1/models", timeout=TIMEOUT)
+    assert (models.status_code, models.json()) == (200, {"object": "list", "data": []})
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_an_upstream_error_before_streaming_keeps_its_status_and_body(
+    proxied: tuple[str, FakeUpstream], status: int
+) -> None:
+    base_url, _ = proxied
+    response = post(base_url, f"error-{status}")
+    assert response.status_code == status
+    assert response.json() == {"error": {"message": "slow down", "type": "rate_limit"}}
+
+
+def test_an_upstream_that_drops_mid_stream_makes_the_sdk_raise_an_api_error(
+    proxied: tuple[str, FakeUpstream],
+) -> None:
+    base_url, _ = proxied
+    received: list[str] = []
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-client", max_retries=0, timeout=TIMEOUT) as client:
+        with pytest.raises(openai.APIError) as raised:
+            with client.chat.completions.create(
+                model="drop", messages=[{"role": "user", "content": "hi"}], stream=True
+            ) as stream:
+                for chunk in stream:
+                    received.extend(choice.delta.content or "" for choice in chunk.choices)
+    assert not isinstance(raised.value, openai.APIConnectionError)
+    assert raised.value.code == "upstream_error"
+    assert "".join(received) == "Hello"
+
+
+# --- the command line and the worker factory ------------------------------------------------------
+
+
+def test_serve_help_reads_well() -> None:
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert result.exit_code == 0
+    for option in ("--rules FILE", "--upstream URL", "--host", "--port", "--workers", "PROMETHEUS_MULTIPROC_DIR"):
+        assert option in result.output
+
+
+def test_serve_refuses_a_broken_rule_file_before_binding(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        "version: 1\nrules:\n  - name: x\n    type: banned_patterns\n    patterns: ['(']\n    action: abort\n"
+    )
+    result = CliRunner().invoke(main, ["serve", "--rules", str(broken), "--port", "0"])
+    assert result.exit_code == 1
+    assert f"{broken}:5: rules[0].patterns[0]" in result.output
+
+
+def test_serve_refuses_an_upstream_that_is_not_a_url() -> None:
+    result = CliRunner().invoke(main, ["serve", "--rules", str(DEFAULT_RULES), "--upstream", "localhost:11434"])
+    assert result.exit_code == 2
+    assert "absolute http(s) URL" in result.output
+
+
+def test_the_worker_factory_reads_its_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = ServeSettings((str(DEFAULT_RULES), str(ROOT / "rules" / "secrets.yaml")), "https://api.example/v1")
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert ServeSettings.from_env() == settings
+    app = create_app()
+    assert app.settings == settings
+    assert isinstance(app.model, UpstreamProxy)
+    anyio.run(app.model.aclose)
+    monkeypatch.setenv(ENV_UPSTREAM, "")
+    assert ServeSettings.from_env().upstream is None
+    monkeypatch.delenv(ENV_RULES)
+    with pytest.raises(ValueError, match=ENV_RULES):
+        ServeSettings.from_env()
