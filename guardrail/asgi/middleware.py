@@ -40,8 +40,11 @@ from guardrail.asgi.request import ChatRequest, read_request
 from guardrail.config import RuleSet, load_rules
 from guardrail.core.engine import StreamGuard
 from guardrail.core.outputs import Anomaly, Ended, Intervention, Outcome, Output, Released, Send as SendBytes
-from guardrail.core.rule import BoundRule
+from guardrail.core.rule import Action, BoundRule
+from guardrail.core.tokens import BPEEncoding
 from guardrail.metrics import GuardMetrics
+from guardrail.rules.budget import TokenBudget, count_prompt_tokens
+from guardrail.tokenizers import get_encoding
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ class GuardrailMiddleware:
         self.rules = load_rules(rules)
         self.metrics = metrics if metrics is not None else GuardMetrics()
         self.metrics.declare_rules({rule.name: rule.action for rule in self.rules.rules})
+        # Loaded now, not on the first request: a BPE file takes a moment to load and verify.
+        self.encodings = {group.tokenizer: get_encoding(group.tokenizer) for group in self.rules.groups}
         self.on_record = on_record
         self.record_text = record_text
 
@@ -93,13 +98,21 @@ class GuardrailMiddleware:
         if not rules:
             await self.app(scope, receive, send)
             return
-        await _GuardedResponse(self, rules, scope, send).run(receive)
+        encoding = self.encodings.get(self.rules.tokenizer_for(scope.get("path", "")))
+        await _GuardedResponse(self, rules, scope, send, encoding).run(receive)
 
 
 class _GuardedResponse:
     """One request's guard: decides at ``http.response.start`` whether the body is a stream to guard."""
 
-    def __init__(self, middleware: GuardrailMiddleware, rules: tuple[BoundRule, ...], scope: Scope, send: Send) -> None:
+    def __init__(
+        self,
+        middleware: GuardrailMiddleware,
+        rules: tuple[BoundRule, ...],
+        scope: Scope,
+        send: Send,
+        encoding: BPEEncoding | None,
+    ) -> None:
         self.middleware = middleware
         self.metrics = middleware.metrics
         self.rules = rules
@@ -107,6 +120,8 @@ class _GuardedResponse:
         self.downstream = send
         self.start = anyio.current_time()
         self.request = ChatRequest()
+        self.encoding = encoding
+        self.prompt_tokens: int | None = None
         self.guard: StreamGuard | None = None
         self.response_started = False
         self.closed = False  # the body has been completed towards the client
@@ -122,6 +137,10 @@ class _GuardedResponse:
 
     async def run(self, receive: Receive) -> None:
         self.request, self.replay, whole = await read_request(receive)
+        if self.request.payload is not None and self.encoding is not None:
+            self.prompt_tokens = count_prompt_tokens(self.request.payload, self.encoding)
+            if await self._refused_prompt(self.prompt_tokens):
+                return
         if self.request.stream:
             self._arm()  # first-token limits count from the request, before any response
         async with anyio.create_task_group() as tasks:
@@ -217,7 +236,14 @@ class _GuardedResponse:
             identity = {"id": f"chatcmpl-guardrail-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
             if self.request.model:
                 identity["model"] = self.request.model
-            self.guard = StreamGuard(self.rules, start=self.start, identity=identity)
+            self.guard = StreamGuard(
+                self.rules,
+                start=self.start,
+                identity=identity,
+                encoding=self.encoding,
+                include_usage=self.request.include_usage,
+                prompt_tokens=self.prompt_tokens,
+            )
             self.record = StreamRecord(
                 request_id=self._request_id(), path=self.scope.get("path", ""), dialect=StreamGuard.dialect
             )
@@ -342,9 +368,41 @@ class _GuardedResponse:
             outputs = self.guard.upstream_failed(f"{type(exc).__name__} while streaming", anyio.current_time())
             await self._emit(outputs, more_body=False)
 
-    async def _send_error_response(self, status: int, code: str, message: str) -> None:
-        body = _error_body(message, code)
+    async def _refused_prompt(self, prompt_tokens: int) -> bool:
+        """Refuse a prompt over a ``max_prompt_tokens`` budget with a 400, before the app runs."""
+        for rule in self.rules:
+            budget = rule.rule
+            if not isinstance(budget, TokenBudget) or not budget.prompt_over_budget(prompt_tokens):
+                continue
+            detail = f"prompt of {prompt_tokens} tokens over {budget.max_prompt_tokens}"
+            self._intervened(Intervention(rule.name, rule.action, "prompt", 0, 0, 0, detail))
+            if rule.action is Action.LOG:
+                continue
+            message = (
+                f"This request's messages have {prompt_tokens} tokens, more than the {budget.max_prompt_tokens} "
+                f"allowed here (rule {rule.name!r}). Shorten the conversation and try again."
+            )
+            await self._send_error_response(
+                400, "prompt_too_long", message, error_type="invalid_request_error", param="messages", retry=False
+            )
+            return True
+        return False
+
+    async def _send_error_response(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        error_type: str = "upstream_error",
+        param: str | None = None,
+        retry: bool = True,
+    ) -> None:
+        body = _error_body(message, code, error_type, param)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if not retry:
+            # The SDKs retry some statuses on their own; a policy refusal would fail the same way again.
+            headers.append((b"x-should-retry", b"false"))
         try:
             await self.downstream({"type": "http.response.start", "status": status, "headers": headers})
             await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
@@ -361,7 +419,16 @@ class _GuardedResponse:
         fallback = ended.fallback
         now = anyio.current_time()
         # The same rules guard the fallback's answer; its chunks join the first stream's identity.
-        guard = StreamGuard(self.rules, start=now, identity=self.guard.identity, continuation=True)
+        guard = StreamGuard(
+            self.rules,
+            start=now,
+            identity=self.guard.identity,
+            continuation=True,
+            encoding=self.encoding,
+            include_usage=self.request.include_usage,
+            prompt_tokens=self.prompt_tokens,
+            tokens_before=self.guard.completion_tokens() or 0,
+        )
         request = fallback_request(self.request, fallback, self.scope)
         if request is None:
             logger.warning(
@@ -452,6 +519,14 @@ class _GuardedResponse:
         record.outcome = outcome
         record.duration = now - self.start
         record.deltas = guard.deltas
+        record.prompt_tokens = self.prompt_tokens
+        record.completion_tokens = guard.completion_tokens()
+        if self.prompt_tokens is not None:
+            self.metrics.tokens("prompt", self.prompt_tokens)
+        if record.completion_tokens is not None:
+            self.metrics.tokens("completion", record.completion_tokens)
+        if self.middleware.record_text:
+            record.text = guard.sent_text()
         record.time_to_first_token = first - self.start if first is not None else None
         self.metrics.stream_finished(
             StreamGuard.dialect, outcome, duration=record.duration, time_to_first_token=record.time_to_first_token
@@ -464,5 +539,5 @@ class _GuardedResponse:
                 logger.exception("on_record callback failed")
 
 
-def _error_body(message: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}).encode()
+def _error_body(message: str, code: str, error_type: str = "upstream_error", param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}}).encode()

@@ -22,11 +22,12 @@ from pydantic import TypeAdapter, ValidationError
 from guardrail.config.paths import KeyPath, format_path, found
 from guardrail.config.plugins import PluginFactory, build_plugin, ensure_rule, find_plugin
 from guardrail.config.problems import validation_problems
-from guardrail.config.ruleset import RuleGroup, RuleSet
+from guardrail.config.ruleset import DEFAULT_TOKENIZER, RuleGroup, RuleSet
 from guardrail.config.schema import BUILTIN_TYPES, AnyRuleSpec, PluginRuleSpec, RuleFileSpec, RuleSpec
 from guardrail.config.yamlfile import YamlDocument, read_yaml
 from guardrail.core.rule import Action, BoundRule, Fallback, Rule, TimedRule
-from guardrail.exceptions import ConfigError, ConfigProblem, PluginError
+from guardrail.exceptions import ConfigError, ConfigProblem, EncodingError, PluginError
+from guardrail.tokenizers import encoding_name_for
 
 RuleSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | RuleSet
 
@@ -184,7 +185,9 @@ def _build_rules(doc: YamlDocument) -> tuple[dict[int, Rule | TimedRule], list[C
                 spec = _rule_adapter().validate_python(raw)
             except ValidationError:
                 continue  # already reported by the file's validation
-            built[index] = _build_rule(spec, factory, index)
+            if factory is None and BUILTIN_TYPES[spec.type].counts_tokens and not _known_tokenizer(doc):
+                continue  # the tokenizer is reported at its own line
+            built[index] = _build_rule(spec, factory, index, _tokenizer_of(doc))
         except _LocatedError as exc:
             problems.append(_problem(doc, exc.path, exc.message))
     return built, problems
@@ -206,10 +209,23 @@ def _find_plugin(type_name: object, index: int) -> PluginFactory | None:
         raise _LocatedError(("rules", index, "type"), str(exc)) from exc
 
 
-def _build_rule(spec: RuleSpec, factory: PluginFactory | None, index: int) -> Rule | TimedRule:
+def _known_tokenizer(doc: YamlDocument) -> bool:
+    try:
+        encoding_name_for(_tokenizer_of(doc))
+    except EncodingError:
+        return False
+    return True
+
+
+def _tokenizer_of(doc: YamlDocument) -> str:
+    tokenizer = doc.data.get("tokenizer") if isinstance(doc.data, dict) else None
+    return tokenizer if isinstance(tokenizer, str) else DEFAULT_TOKENIZER
+
+
+def _build_rule(spec: RuleSpec, factory: PluginFactory | None, index: int, tokenizer: str) -> Rule | TimedRule:
     if factory is None:
         try:
-            return BUILTIN_TYPES[spec.type].build(spec)
+            return BUILTIN_TYPES[spec.type].build(spec, tokenizer)
         except ValueError as exc:
             raise _LocatedError(("rules", index), f"cannot build the rule: {exc}") from exc
     assert isinstance(spec, PluginRuleSpec)

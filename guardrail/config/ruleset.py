@@ -54,6 +54,10 @@ class RuleSet:
         """The rules guarding the request path ``path``: those of every group whose paths match it."""
         return tuple(rule for group in self.groups if group.matches(path) for rule in group.rules)
 
+    def tokenizer_for(self, path: str) -> str:
+        """The tokenizer that counts tokens on ``path``: that of the first group matching it."""
+        return next((group.tokenizer for group in self.groups if group.matches(path)), DEFAULT_TOKENIZER)
+
     @property
     def rules(self) -> tuple[BoundRule, ...]:
         """All rules of all groups."""

@@ -29,8 +29,11 @@ from pydantic_core import PydanticCustomError
 from guardrail.config.paths import found
 from guardrail.config.ruleset import DEFAULT_TOKENIZER
 from guardrail.core.rule import Rule, TimedRule
+from guardrail.exceptions import EncodingError
 from guardrail.rules.banned import BannedPatterns, compile_pattern
+from guardrail.rules.budget import TokenBudget
 from guardrail.rules.timeout import IdleTimeout
+from guardrail.tokenizers import encoding_name_for, get_encoding
 
 SCHEMA_VERSION: Final = 1
 
@@ -103,6 +106,17 @@ Phrase = Annotated[str, AfterValidator(_check_phrase)]
 Url = Annotated[str, AfterValidator(_check_url)]
 
 
+def _check_tokenizer(value: str) -> str:
+    try:
+        encoding_name_for(value)
+    except EncodingError as exc:
+        raise PydanticCustomError("tokenizer", "{problem}", {"problem": str(exc)}) from None
+    return value
+
+
+Tokenizer = Annotated[str, Field(min_length=1), AfterValidator(_check_tokenizer)]
+
+
 class _Closed(BaseModel):
     # strict: YAML already gives real booleans and numbers, so "yes" or "400" in quotes is a mistake.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -159,6 +173,27 @@ class IdleTimeoutSpec(RuleSpec):
         return self
 
 
+Tokens = Annotated[int, Field(ge=0)]
+
+
+class TokenBudgetSpec(RuleSpec):
+    """``token_budget``: completion tokens per channel, and prompt tokens per request, counted exactly."""
+
+    type: Literal["token_budget"]
+    max_tokens: Tokens | None = Field(default=None, description="Completion tokens the client may receive.")
+    max_prompt_tokens: Tokens | None = Field(default=None, description="Prompt tokens a request may have.")
+
+    @model_validator(mode="after")
+    def _a_budget(self) -> TokenBudgetSpec:
+        if self.max_tokens is None and self.max_prompt_tokens is None:
+            raise PydanticCustomError("no_budget", "token_budget needs max_tokens, max_prompt_tokens or both")
+        if self.action == "redact":
+            raise PydanticCustomError(
+                "budget_action", "token_budget takes action abort, fallback or log; found 'redact'"
+            )
+        return self
+
+
 def _not_a_builtin_type(schema: dict[str, Any]) -> None:
     # Run when the JSON Schema is generated, so it sees every type registered in BUILTIN_TYPES.
     schema["properties"]["type"]["not"] = {"enum": list(BUILTIN_TYPES)}
@@ -204,20 +239,30 @@ class BuiltinType(Generic[SpecT]):
     """
 
     spec: type[SpecT]
-    build: Callable[[SpecT], Rule | TimedRule]
+    build: Callable[[SpecT, str], Rule | TimedRule]  # (spec, the file's tokenizer)
+    counts_tokens: bool = False  # built only when the file's tokenizer is valid (reported once, there)
 
 
-def _build_banned_patterns(spec: BannedPatternsSpec) -> Rule:
+def _build_banned_patterns(spec: BannedPatternsSpec, tokenizer: str) -> Rule:
     return BannedPatterns(patterns=spec.patterns, phrases=spec.phrases)
 
 
-def _build_idle_timeout(spec: IdleTimeoutSpec) -> TimedRule:
+def _build_token_budget(spec: TokenBudgetSpec, tokenizer: str) -> Rule:
+    try:
+        encoding = get_encoding(tokenizer)
+    except EncodingError as exc:
+        raise ValueError(str(exc)) from exc
+    return TokenBudget(encoding, max_tokens=spec.max_tokens, max_prompt_tokens=spec.max_prompt_tokens)
+
+
+def _build_idle_timeout(spec: IdleTimeoutSpec, tokenizer: str) -> TimedRule:
     return IdleTimeout(spec.seconds, spec.first_token_seconds, spec.total_seconds)
 
 
 BUILTIN_TYPES: Final[Mapping[str, BuiltinType[Any]]] = {
     "banned_patterns": BuiltinType(BannedPatternsSpec, _build_banned_patterns),
     "idle_timeout": BuiltinType(IdleTimeoutSpec, _build_idle_timeout),
+    "token_budget": BuiltinType(TokenBudgetSpec, _build_token_budget, counts_tokens=True),
 }
 
 
@@ -256,7 +301,7 @@ class RuleFileSpec(_Closed):
     model_config = ConfigDict(title="guardrail rule file")
 
     version: Annotated[Literal[1], BeforeValidator(_check_version)] = Field(description="Schema version: 1.")
-    tokenizer: NonEmpty = Field(default=DEFAULT_TOKENIZER, description="tiktoken encoding or model name.")
+    tokenizer: Tokenizer = Field(default=DEFAULT_TOKENIZER, description="tiktoken encoding or model name.")
     paths: list[PathGlob] = Field(
         default_factory=list, description="Request path globs ('*' crosses '/') this file guards; empty: every path."
     )

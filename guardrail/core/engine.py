@@ -41,6 +41,7 @@ from guardrail.core.openai_chat import DIALECT, Channel, ChatRenderer, EventKind
 from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Outcome, Output, Released, Send
 from guardrail.core.rule import Action, BoundRule, Checker, Fallback, Hit, Rule, TimedRule, Timer, Verdict
 from guardrail.core.sse import SSEDecoder, SSEEvent, encode_event
+from guardrail.core.tokens import BPEEncoding
 from guardrail.exceptions import RuleError, SSEError
 
 # When two hits start at the same offset, the stronger action wins.
@@ -70,6 +71,7 @@ class _ChannelGuard:
         "received",
         "redacted_until",
         "released",
+        "sent",
     )
 
     def __init__(self, channel: Channel, rules: Sequence[BoundRule]) -> None:
@@ -87,6 +89,7 @@ class _ChannelGuard:
         self.redacted_until = -1
         self.held_since: float | None = None
         self.finished = False
+        self.sent: list[str] = []  # what reached the client, replacements included
 
     def feed(self, text: str, *, final: bool, out: list[Output], now: float) -> str:
         """Take ``text`` (and end the channel if ``final``); return the text to release now.
@@ -111,6 +114,8 @@ class _ChannelGuard:
             if self.holds[number] and not final:
                 frontier = min(frontier, verdict.safe)
         released = self._release(frontier, out)
+        if released:
+            self.sent.append(released)
         self._note_held(held_before, released, out, now)
         return released
 
@@ -139,6 +144,7 @@ class _ChannelGuard:
         if hit.start > self.released:
             parts.append(self._take(hit.start))
         if rule.action is not Action.REDACT:
+            self.sent.extend(parts)
             raise _Trip(rule, "".join(parts))
         if hit.end <= self.released:
             return
@@ -170,6 +176,14 @@ class StreamGuard:
             stream has sent one of its own (a fallback before the first token).
         continuation: guard another upstream's answer spliced into a stream that ``identity``
             (the first guard's :attr:`identity`) already started: see the module docstring.
+        encoding: the tiktoken encoding that counts completion tokens (see
+            :meth:`completion_tokens`); None: no counting, no usage chunks.
+        include_usage: the client asked for ``stream_options.include_usage``: if the stream ends
+            without a usage chunk of its own (cut by the guard, or never sent), the guard adds one
+            before ``[DONE]`` whose ``completion_tokens`` counts exactly the text the client got.
+        prompt_tokens: the request's prompt tokens, for that usage chunk.
+        tokens_before: completion tokens the client received before this stream began (a
+            continuation's prefix), counted into that usage chunk.
     """
 
     dialect = DIALECT
@@ -181,6 +195,10 @@ class StreamGuard:
         start: float = 0.0,
         identity: Mapping[str, Any] | None = None,
         continuation: bool = False,
+        encoding: BPEEncoding | None = None,
+        include_usage: bool = False,
+        prompt_tokens: int | None = None,
+        tokens_before: int = 0,
     ) -> None:
         self._rules = tuple(rules)
         self._text_rules = tuple(rule for rule in self._rules if isinstance(rule.rule, Rule))
@@ -193,6 +211,11 @@ class StreamGuard:
         self._channels: dict[Channel, _ChannelGuard] = {}
         self._ended = False
         self._reported_unknown = False
+        self._encoding = encoding
+        self._owe_usage = include_usage and encoding is not None  # until the stream sends its own
+        self._prompt_tokens = prompt_tokens or 0
+        self._completion_tokens: int | None = None
+        self._tokens_before = tokens_before
         self.deltas = 0
         self.first_text_at: float | None = None
 
@@ -208,6 +231,23 @@ class StreamGuard:
         Pass it to the guard of a continuation, so that its chunks join this stream.
         """
         return dict(self._renderer.template)
+
+    def completion_tokens(self) -> int | None:
+        """Tokens of the text the client received so far, every channel's counted on its own.
+
+        The text is encoded once per call (at the end of a stream, not per delta); None
+        without an encoding.
+        """
+        if self._encoding is None:
+            return None
+        if self._completion_tokens is None or not self._ended:
+            encode = self._encoding.encode_ordinary
+            self._completion_tokens = sum(len(encode("".join(c.sent))) for c in self._channels.values())
+        return self._completion_tokens
+
+    def sent_text(self) -> dict[str, str]:
+        """The text the client received so far, by channel name."""
+        return {name: text for name, text in ((c.name, "".join(c.sent)) for c in self._channels.values()) if text}
 
     @property
     def deadline(self) -> float | None:
@@ -294,6 +334,7 @@ class StreamGuard:
         except RuleError as exc:
             self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
         if not self._ended:
+            self._pay_usage(wire)  # a stream that ended without [DONE] still gets its usage
             self._ended = True
             out.append(Ended(Outcome.COMPLETED))
         return self._flush(wire, out)
@@ -345,7 +386,9 @@ class StreamGuard:
             self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
             return self._flush(wire, out)
         self._ended = True
-        wire += self._renderer.finish("content_filter") + self._renderer.done()
+        wire += self._renderer.finish("content_filter")
+        self._pay_usage(wire)
+        wire += self._renderer.done()
         out.append(Ended(Outcome.ABORTED))
         return self._flush(wire, out)
 
@@ -353,6 +396,8 @@ class StreamGuard:
 
     def _handle(self, event: SSEEvent, now: float, wire: bytearray, out: list[Output]) -> None:
         parsed = parse(event)
+        if self._owe_usage and parsed.obj is not None and parsed.obj.get("usage"):
+            self._owe_usage = False  # the stream's own usage chunk passes through unchanged
         if self._continuation is not None:
             adopted = _adopt(parsed, self._continuation)
             if adopted is None:
@@ -365,7 +410,11 @@ class StreamGuard:
         elif kind is EventKind.PASS:
             self._renderer.observe(parsed)
             wire += event.raw
-        elif kind is EventKind.DONE or kind is EventKind.ERROR:
+        elif kind is EventKind.DONE:
+            self._flush_channels(self._channels.values(), now, wire, out)
+            self._pay_usage(wire)
+            wire += event.raw
+        elif kind is EventKind.ERROR:
             self._flush_channels(self._channels.values(), now, wire, out)
             wire += event.raw
         elif kind is EventKind.UNKNOWN:
@@ -449,6 +498,7 @@ class StreamGuard:
         else:
             wire += self._renderer.finish(_stop_reason(rule))
             outcome = Outcome.ABORTED
+        self._pay_usage(wire)
         wire += self._renderer.done()
         out.append(Ended(outcome, rule.name))
 
@@ -459,11 +509,18 @@ class StreamGuard:
             out.append(Ended(Outcome.TIMEOUT, rule.name, fallback))
             return
         if rule.action is Action.FALLBACK and fallback is not None and fallback.text is not None:
-            wire += self._renderer.fallback(fallback.text) + self._renderer.done()
+            wire += self._renderer.fallback(fallback.text)
+            self._pay_usage(wire)
+            wire += self._renderer.done()
         else:
             message = f"guardrail ended the stream: {_TIMEOUT_MESSAGES.get(code, code)} (rule {rule.name!r})"
             wire += self._renderer.error(message, type="timeout", code=code)
         out.append(Ended(Outcome.TIMEOUT, rule.name))
+
+    def _pay_usage(self, wire: bytearray) -> None:
+        if self._owe_usage:
+            self._owe_usage = False
+            wire += self._renderer.usage(self._prompt_tokens, self._tokens_before + (self.completion_tokens() or 0))
 
     def _fallback_of(self, rule: BoundRule) -> Fallback | None:
         # A continuation is already the fallback: a second trip aborts rather than branching again.

@@ -196,6 +196,15 @@ class ChatRenderer:
             return None
         return encode_event(_dumps(obj))
 
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """The usage chunk a stream with ``stream_options.include_usage`` ends with (before ``[DONE]``)."""
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return encode_event(_dumps({**self.template, "choices": [], "usage": usage}))
+
     @staticmethod
     def done() -> bytes:
         return encode_event("[DONE]")

@@ -249,6 +249,9 @@ def run(settings: ServeSettings, *, host: str, port: int, workers: int = 1, log_
     else:
         config = uvicorn.Config(build_app(settings, rules=rules), **options)
     sock = config.bind_socket()
+    # Listen before saying so: until uvicorn starts serving, the kernel queues connections
+    # instead of refusing them.
+    sock.listen(config.backlog)
     logger.info("guarding %s with rules from %s", settings.describe_model(), ", ".join(settings.rules))
     where = f"[{host}]" if ":" in host else host
     logger.info("listening on http://%s:%d (Ctrl+C to stop)", where, sock.getsockname()[1])

@@ -1,0 +1,162 @@
+"""The ``token_budget`` rule: an exact cap on completion tokens, enforced mid-stream, and on the prompt.
+
+Tokens are counted with the rule file's tiktoken encoding, incrementally (see
+:class:`~guardrail.core.tokens.TokenCounter`): after every delta the count equals
+``len(encoding.encode_ordinary(text_so_far))``. When the count passes ``max_tokens``, the rule
+objects to everything after the first ``max_tokens`` tokens, so an abort releases exactly that
+many and ends with ``finish_reason: "length"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from guardrail.core.rule import Hit, Verdict
+from guardrail.core.tokens import BPEEncoding, TokenCounter
+
+# Until the count comes this close to the budget, text is released as it arrives. Nearer the
+# budget only settled text is released (the last word or two may still merge with what comes
+# next, moving the token boundary), so the cut lands exactly on max_tokens.
+NEAR_BUDGET_TOKENS = 16
+
+# A run of text the tokenizer cannot settle (thousands of newlines, one letter repeated) makes
+# every delta re-encode the whole run. Past this many unsettled characters the rule gives up on
+# the stream (a model emitting that is broken), failing closed rather than stalling the loop.
+MAX_UNSETTLED_CHARS = 16384
+
+# Per-message overhead of OpenAI's chat format, as in OpenAI's cookbook ("How to count tokens
+# with tiktoken"): every message is wrapped in 3 tokens, a name adds 1, and every reply is
+# primed with 3 more.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_REPLY_PRIMING = 3
+
+
+def count_prompt_tokens(payload: Mapping[str, Any], encoding: BPEEncoding) -> int:
+    """Tokens of an OpenAI chat request's messages: their text parts plus the per-message overhead.
+
+    Counted: each message's ``role``, ``name`` and text (a string ``content``, or the ``text`` of
+    its ``{"type": "text"}`` parts), plus :data:`TOKENS_PER_MESSAGE` per message,
+    :data:`TOKENS_PER_NAME` per name and :data:`TOKENS_REPLY_PRIMING` once. Not counted: images,
+    audio, tool definitions and tool-call arguments, which providers price their own ways.
+    """
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    total = TOKENS_REPLY_PRIMING
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += TOKENS_PER_MESSAGE
+        for key in ("role", "name"):
+            value = message.get(key)
+            if isinstance(value, str):
+                total += len(encoding.encode_ordinary(value)) + (TOKENS_PER_NAME if key == "name" else 0)
+        total += sum(len(encoding.encode_ordinary(text)) for text in _texts(message.get("content")))
+    return total
+
+
+def _texts(content: object) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        ]
+    return []
+
+
+class TokenBudget:
+    """At most ``max_tokens`` completion tokens per channel, and ``max_prompt_tokens`` per request.
+
+    Args:
+        encoding: the tiktoken encoding to count with.
+        max_tokens: the completion budget of each channel (a choice's content, refusal or
+            tool-call arguments); None for no completion budget.
+        max_prompt_tokens: the prompt budget (see :func:`count_prompt_tokens`); None for none.
+
+    Raises:
+        ValueError: neither budget is given, or one is negative.
+    """
+
+    # An abort by this rule ends the stream the way a model that ran out of tokens does.
+    stop_reason = "length"
+
+    def __init__(self, encoding: BPEEncoding, *, max_tokens: int | None = None, max_prompt_tokens: int | None = None):
+        if max_tokens is None and max_prompt_tokens is None:
+            raise ValueError("token_budget needs max_tokens, max_prompt_tokens or both")
+        for name, value in (("max_tokens", max_tokens), ("max_prompt_tokens", max_prompt_tokens)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be zero or more, not {value}")
+        self.encoding = encoding
+        self.max_tokens = max_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def checker(self) -> BudgetChecker | _NoBudget:
+        """A fresh counter for one channel of one stream."""
+        if self.max_tokens is None:
+            return _NoBudget()
+        return BudgetChecker(TokenCounter(self.encoding), self.max_tokens)
+
+    def prompt_over_budget(self, prompt_tokens: int) -> bool:
+        """Whether a request with ``prompt_tokens`` tokens exceeds ``max_prompt_tokens``."""
+        return self.max_prompt_tokens is not None and prompt_tokens > self.max_prompt_tokens
+
+
+class BudgetChecker:
+    """Counts one channel's tokens; objects to everything past the first ``max_tokens``."""
+
+    __slots__ = ("_counter", "_fired", "_length", "_max", "_safe")
+
+    def __init__(self, counter: TokenCounter, max_tokens: int) -> None:
+        self._counter = counter
+        self._max = max_tokens
+        self._length = 0
+        self._safe = 0
+        self._fired = False
+
+    def feed(self, text: str) -> Verdict:
+        self._length += len(text)
+        if self._fired:
+            return Verdict(self._length)
+        count = self._counter.feed(text)
+        if count > self._max:
+            return self._cut()
+        if self._length - self._counter.stable_length > MAX_UNSETTLED_CHARS:
+            raise ValueError(
+                f"{self._length - self._counter.stable_length} characters in a row that the tokenizer cannot settle"
+            )
+        if count + NEAR_BUDGET_TOKENS <= self._max:
+            self._safe = self._length
+        else:
+            self._safe = max(self._safe, self._counter.stable_prefix_for(self._max))
+        return Verdict(self._safe)
+
+    def finish(self) -> Verdict:
+        if not self._fired and self._counter.count > self._max:
+            return self._cut()
+        return Verdict(self._length)
+
+    def _cut(self) -> Verdict:
+        self._fired = True
+        cut = max(self._counter.prefix_for(self._max), self._safe)
+        return Verdict(self._length, (Hit(cut, self._length, f"over {self._max} tokens"),))
+
+
+class _NoBudget:
+    """The checker of a rule that budgets only the prompt: it never objects to text."""
+
+    __slots__ = ("_length",)
+
+    def __init__(self) -> None:
+        self._length = 0
+
+    def feed(self, text: str) -> Verdict:
+        self._length += len(text)
+        return Verdict(self._length)
+
+    def finish(self) -> Verdict:
+        return Verdict(self._length)
