@@ -157,10 +157,11 @@ def test_packs_load_with_the_expected_rules(secrets: RuleSet, default: RuleSet) 
         ("secrets", Action.REDACT),
         ("pii", Action.REDACT),
         ("blocked-phrases", Action.ABORT),
+        ("completion-budget", Action.ABORT),
         ("stalled", Action.FALLBACK),
     ]
     # Both packs can be loaded together: their rule names do not collide.
-    assert len(load_rules([RULES / "default.yaml", RULES / "secrets.yaml"]).rules) == 13
+    assert len(load_rules([RULES / "default.yaml", RULES / "secrets.yaml"]).rules) == 14
 
 
 def test_rules_appended_to_default_can_use_the_try_again_fallback(tmp_path: Path) -> None:
