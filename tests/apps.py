@@ -401,3 +401,18 @@ def generator_app(generate: Callable[[], AsyncIterator[bytes]], *, middleware: S
         return StreamingResponse(generate(), media_type="text/event-stream")
 
     return Starlette(routes=[Route(CHAT_PATH, completions, methods=["POST"])], middleware=list(middleware))
+
+
+def with_spec_version(app: ASGIApp, spec_version: str) -> ASGIApp:
+    """``app``, told that the server speaks ASGI HTTP ``spec_version``.
+
+    Under "2.4" Starlette's ``StreamingResponse`` no longer listens for the disconnect itself (below
+    2.4 it does, and stops its own generator), so only the guard is left to stop the app.
+    """
+
+    async def versioned(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": spec_version}}
+        await app(scope, receive, send)
+
+    return versioned

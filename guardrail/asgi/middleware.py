@@ -131,6 +131,7 @@ class _GuardedResponse:
         self.replay: list[Message] = []
         self.client_gone = anyio.Event()
         self.armed = anyio.Event()  # set when a guard with deadlines appears
+        self.rearmed = anyio.Event()  # set when text re-arms a deadline the watcher waits for
         self.record: StreamRecord | None = None
         self.texts: dict[str, str] = {}
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
@@ -183,6 +184,7 @@ class _GuardedResponse:
             if message["type"] == "http.disconnect":
                 self._client_went_away()
                 return
+            await anyio.lowlevel.checkpoint()  # a server that answers at once must not starve the app
 
     def _client_went_away(self) -> None:
         self.client_gone.set()
@@ -266,6 +268,7 @@ class _GuardedResponse:
         more_body = bool(message.get("more_body", False))
         deltas = guard.deltas
         outputs = guard.feed(message.get("body", b""), now)
+        self._wake_watcher(guard)
         if not more_body and not guard.ended:
             outputs += guard.close(now)
         if guard.deltas > deltas:
@@ -332,15 +335,30 @@ class _GuardedResponse:
 
     async def _watch_deadlines(self) -> None:
         await self.armed.wait()
-        while not self.closed:
-            guard = self.guard
-            deadline = guard.deadline if guard is not None else None
-            if guard is None or deadline is None:
-                return  # nothing can expire any more: the guard is gone or has ended
+        guard = self.guard
+        while guard is not None and guard is self.guard:
+            deadline = await self._next_deadline(guard)
+            if deadline is None:
+                return
             await anyio.sleep_until(deadline)
             async with self.send_lock:
                 if self.guard is guard and not self.closed:
                     await self._emit(guard.expire(anyio.current_time()), more_body=True)
+
+    async def _next_deadline(self, guard: StreamGuard) -> float | None:
+        """The guard's next deadline, waiting while none is armed; None once none can be any more."""
+        while guard.timed and not guard.ended and not self.closed:
+            deadline = guard.deadline
+            if deadline is not None:
+                return deadline
+            # A limit fired and disarmed itself (a logged timeout): wait for text to re-arm it.
+            self.rearmed = anyio.Event()
+            await self.rearmed.wait()
+        return None
+
+    def _wake_watcher(self, guard: StreamGuard) -> None:
+        if not self.rearmed.is_set() and guard.deadline is not None:
+            self.rearmed.set()
 
     # -- endings ----------------------------------------------------------------------------
 
@@ -477,6 +495,7 @@ class _GuardedResponse:
         now = anyio.current_time()
         deltas = guard.deltas
         outputs = guard.feed(chunk, now)
+        self._wake_watcher(guard)
         if guard.deltas > deltas:
             self.metrics.delta(StreamGuard.dialect, anyio.current_time() - now, guard.deltas - deltas)
         return outputs
@@ -494,7 +513,7 @@ class _GuardedResponse:
         scope.cancel()
 
     async def _watch_branch_deadlines(self, guard: StreamGuard, scope: anyio.CancelScope) -> None:
-        while not self.closed and (deadline := guard.deadline) is not None:
+        while (deadline := await self._next_deadline(guard)) is not None:
             await anyio.sleep_until(deadline)
             async with self.send_lock:
                 if not self.closed:

@@ -250,6 +250,11 @@ class StreamGuard:
         return {name: text for name, text in ((c.name, "".join(c.sent)) for c in self._channels.values()) if text}
 
     @property
+    def timed(self) -> bool:
+        """Whether any rule of this stream watches time (and so may have deadlines)."""
+        return bool(self._timers)
+
+    @property
     def deadline(self) -> float | None:
         """When the shell should call :meth:`expire` next; None if no time-based rule is armed."""
         if self._ended or not self._timers:
