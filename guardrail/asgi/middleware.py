@@ -133,6 +133,7 @@ class _GuardedResponse:
         self.armed = anyio.Event()  # set when a guard with deadlines appears
         self.rearmed = anyio.Event()  # set when text re-arms a deadline the watcher waits for
         self.record: StreamRecord | None = None
+        self.early_hits: list[RuleHit] = []
         self.texts: dict[str, str] = {}
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
 
@@ -250,6 +251,7 @@ class _GuardedResponse:
                 request_id=self._request_id(), path=self.scope.get("path", ""), dialect=StreamGuard.dialect
             )
             self.record.model = self.request.model
+            self.record.hits.extend(self.early_hits)
             self.armed.set()
 
     def _request_id(self) -> str:
@@ -328,8 +330,9 @@ class _GuardedResponse:
         logger.info(
             "rule %s (%s) fired on %s at %d-%d: %s", hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail
         )
-        if self.record is not None:
-            self.record.hits.append(RuleHit(hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail))
+        entry = RuleHit(hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail)
+        # Hits before the stream (a logged prompt budget) wait for the record to exist.
+        (self.record.hits if self.record is not None else self.early_hits).append(entry)
 
     # -- deadlines --------------------------------------------------------------------------
 

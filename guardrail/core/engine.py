@@ -33,11 +33,10 @@ guard's :attr:`StreamGuard.identity`: every chunk is re-rendered with the first 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from guardrail.core.openai_chat import DIALECT, Channel, ChatRenderer, EventKind, ParsedEvent, parse
+from guardrail.core.openai_chat import DIALECT, Channel, ChatRenderer, EventKind, ParsedEvent, dumps, parse
 from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Outcome, Output, Released, Send
 from guardrail.core.rule import Action, BoundRule, Checker, Fallback, Hit, Rule, TimedRule, Timer, Verdict
 from guardrail.core.sse import SSEDecoder, SSEEvent, encode_event
@@ -498,7 +497,7 @@ class StreamGuard:
             out.append(Ended(Outcome.FALLBACK, rule.name, fallback))
             return
         if rule.action is Action.FALLBACK and fallback is not None and fallback.text is not None:
-            wire += self._renderer.fallback(fallback.text)
+            wire += self._fallback_text(fallback.text)
             outcome = Outcome.FALLBACK
         else:
             wire += self._renderer.finish(_stop_reason(rule))
@@ -514,13 +513,19 @@ class StreamGuard:
             out.append(Ended(Outcome.TIMEOUT, rule.name, fallback))
             return
         if rule.action is Action.FALLBACK and fallback is not None and fallback.text is not None:
-            wire += self._renderer.fallback(fallback.text)
+            wire += self._fallback_text(fallback.text)
             self._pay_usage(wire)
             wire += self._renderer.done()
         else:
             message = f"guardrail ended the stream: {_TIMEOUT_MESSAGES.get(code, code)} (rule {rule.name!r})"
             wire += self._renderer.error(message, type="timeout", code=code)
         out.append(Ended(Outcome.TIMEOUT, rule.name))
+
+    def _fallback_text(self, text: str) -> bytes:
+        # The fallback answer continues every open choice's content: the client receives it there.
+        for index in list(self._renderer.open_choices) or [0]:
+            self._channel(Channel(index, "content")).sent.append(text)
+        return self._renderer.fallback(text)
 
     def _pay_usage(self, wire: bytearray) -> None:
         if self._owe_usage:
@@ -578,7 +583,7 @@ def _adopt(parsed: ParsedEvent, identity: Mapping[str, Any]) -> ParsedEvent | No
             dropped_role = True
     if dropped_role and parsed.kind is EventKind.PASS and not adopted.get("usage") and not _says_something(choices):
         return None
-    data = json.dumps(adopted, ensure_ascii=True, separators=(",", ":"))
+    data = dumps(adopted)
     return parse(SSEEvent(encode_event(data), data))
 
 

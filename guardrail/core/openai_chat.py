@@ -10,12 +10,13 @@ U+2028 and friends never reach a line-splitting client raw.
 
 from __future__ import annotations
 
-import copy
 import enum
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from guardrail.core.sse import SSEEvent, encode_event
 
@@ -64,25 +65,22 @@ class ParsedEvent:
     obj: dict[str, Any] | None = field(default=None, compare=False)
 
 
-def _pieces_of(choice_pos: int, index: int, delta: Mapping[str, Any]) -> Iterable[Piece]:
+def _add_pieces(pieces: list[Piece], choice_pos: int, index: int, delta: Mapping[str, Any]) -> None:
     content = delta.get("content")
-    if isinstance(content, str) and content:
-        yield Piece(Channel(index, "content"), content, (choice_pos,))
+    if content and isinstance(content, str):
+        pieces.append(Piece(Channel(index, "content"), content, (choice_pos,)))
     refusal = delta.get("refusal")
-    if isinstance(refusal, str) and refusal:
-        yield Piece(Channel(index, "refusal"), refusal, (choice_pos,))
+    if refusal and isinstance(refusal, str):
+        pieces.append(Piece(Channel(index, "refusal"), refusal, (choice_pos,)))
     tool_calls = delta.get("tool_calls")
-    if isinstance(tool_calls, list):
+    if tool_calls and isinstance(tool_calls, list):
         for tool_pos, call in enumerate(tool_calls):
             function = call.get("function") if isinstance(call, dict) else None
             arguments = function.get("arguments") if isinstance(function, dict) else None
-            if isinstance(arguments, str) and arguments:
+            if arguments and isinstance(arguments, str):
                 tool = call.get("index", tool_pos)
-                yield Piece(
-                    Channel(index, "arguments", tool if isinstance(tool, int) else tool_pos),
-                    arguments,
-                    (choice_pos, tool_pos),
-                )
+                channel = Channel(index, "arguments", tool if isinstance(tool, int) else tool_pos)
+                pieces.append(Piece(channel, arguments, (choice_pos, tool_pos)))
 
 
 def parse(event: SSEEvent) -> ParsedEvent:
@@ -93,9 +91,12 @@ def parse(event: SSEEvent) -> ParsedEvent:
     if data.startswith("[DONE]"):  # the SDK's own test
         return ParsedEvent(EventKind.DONE, event)
     try:
-        obj = json.loads(data)
-    except ValueError:
-        return ParsedEvent(EventKind.MALFORMED, event)
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            obj = json.loads(data)  # accepts what orjson refuses, such as a lone surrogate escape
+        except ValueError:
+            return ParsedEvent(EventKind.MALFORMED, event)
     if not isinstance(obj, dict):
         return ParsedEvent(EventKind.UNKNOWN, event)
     if obj.get("error"):
@@ -112,8 +113,8 @@ def parse(event: SSEEvent) -> ParsedEvent:
         if not isinstance(index, int):
             index = pos
         delta = choice.get("delta")
-        if isinstance(delta, dict):
-            pieces.extend(_pieces_of(pos, index, delta))
+        if delta and isinstance(delta, dict):
+            _add_pieces(pieces, pos, index, delta)
         if choice.get("finish_reason") is not None:
             finished.append(index)
     if not pieces and not finished:
@@ -121,8 +122,21 @@ def parse(event: SSEEvent) -> ParsedEvent:
     return ParsedEvent(EventKind.CHUNK, event, tuple(pieces), tuple(finished), obj)
 
 
-def _dumps(obj: object) -> str:
-    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+# Line separators a client may split lines on (wire-formats §1.7, §5): written as \u escapes,
+# which can only stand inside JSON strings, the one place non-ASCII appears in JSON.
+_LINE_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+
+
+def dumps(obj: object) -> str:
+    """Compact JSON for the wire; line separators escaped."""
+    try:
+        data = orjson.dumps(obj)
+    except orjson.JSONEncodeError:  # a lone surrogate: only the standard library writes it (escaped)
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+    if not data.isascii():
+        for raw, escaped in _LINE_SEPARATORS:
+            data = data.replace(raw, escaped)
+    return data.decode()
 
 
 class ChatRenderer:
@@ -152,7 +166,7 @@ class ChatRenderer:
             self.open_choices.pop(index, None)
 
     def _chunk(self, choice: dict[str, Any]) -> bytes:
-        return encode_event(_dumps({**self.template, "choices": [choice]}))
+        return encode_event(dumps({**self.template, "choices": [choice]}))
 
     def text(self, channel: Channel, text: str) -> bytes:
         """A chunk carrying ``text`` on ``channel``."""
@@ -179,13 +193,17 @@ class ChatRenderer:
     def rewrite(self, parsed: ParsedEvent, texts: Mapping[int, str], *, keep_finish: bool = True) -> bytes | None:
         """``parsed`` with piece ``i``'s text replaced by ``texts[i]``; None if nothing is left to send."""
         assert parsed.obj is not None
-        obj = copy.deepcopy(parsed.obj)
-        choices = obj["choices"]
+        # Copy only along the paths that change: the parsed event is never modified.
+        choices = [dict(choice) if isinstance(choice, dict) else choice for choice in parsed.obj["choices"]]
+        obj = {**parsed.obj, "choices": choices}
         for number, piece in enumerate(parsed.pieces):
             text = texts.get(number, "")
-            delta = choices[piece.where[0]]["delta"]
+            choice = choices[piece.where[0]]
+            delta = choice["delta"] = dict(choice["delta"])
             if piece.channel.kind == "arguments":
-                delta["tool_calls"][piece.where[1]]["function"]["arguments"] = text
+                calls = delta["tool_calls"] = list(delta["tool_calls"])
+                call = calls[piece.where[1]] = dict(calls[piece.where[1]])
+                call["function"] = {**call["function"], "arguments": text}
             else:
                 delta[piece.channel.kind] = text
         if not keep_finish:
@@ -194,7 +212,7 @@ class ChatRenderer:
                     choice["finish_reason"] = None
         if not any(_carries_something(choice) for choice in choices) and not obj.get("usage"):
             return None
-        return encode_event(_dumps(obj))
+        return encode_event(dumps(obj))
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The usage chunk a stream with ``stream_options.include_usage`` ends with (before ``[DONE]``)."""
@@ -203,7 +221,7 @@ class ChatRenderer:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-        return encode_event(_dumps({**self.template, "choices": [], "usage": usage}))
+        return encode_event(dumps({**self.template, "choices": [], "usage": usage}))
 
     @staticmethod
     def done() -> bytes:
@@ -212,7 +230,7 @@ class ChatRenderer:
     @staticmethod
     def error(message: str, *, type: str, code: str) -> bytes:
         """An in-stream error object: the openai SDK raises ``APIError`` with this message and code."""
-        return encode_event(_dumps({"error": {"message": message, "type": type, "param": None, "code": code}}))
+        return encode_event(dumps({"error": {"message": message, "type": type, "param": None, "code": code}}))
 
 
 def _carries_something(choice: object) -> bool:

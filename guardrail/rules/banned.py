@@ -9,6 +9,7 @@ except a pending partial match, and per-delta cost does not grow with the stream
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,14 @@ LOOKAHEAD_CHARS = 8
 # 4096-bit RSA key (about 3.3 KB) with room to spare.
 MAX_MATCH_CHARS = 8192
 
+# Where a match can start is found by trying each character below this code point (ASCII and
+# the Latin blocks: a few milliseconds per pattern at load). Every character above it counts as
+# a possible start, so text in other scripts is always searched: a prefilter can only skip.
+PROBED_BELOW = 0x250
+
 _LEADING_FLAGS = regex.compile(r"\A\(\?([imsx]+)\)")
+# What a one-character probe cannot see: a lookbehind that demands context, \B, \G.
+_CONTEXTUAL = regex.compile(r"\(\?<=|\\B|\\G")
 _NUMBERED_BACKREFERENCE = regex.compile(r"\\[1-9]|\\g<\d+>")
 _WORD_CHAR = regex.compile(r"\w")
 
@@ -71,10 +79,15 @@ def phrase_pattern(phrase: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Searcher:
-    """One compiled regex and the label of each alternative it combines."""
+    """One compiled regex, the label of each alternative it combines, and its start prefilter.
+
+    ``starts`` finds a character at which a match could start; None when any could. A piece of
+    text it finds nothing in cannot start a match, so the regex need not run on it.
+    """
 
     pattern: regex.Pattern[str]
     labels: tuple[str, ...]
+    starts: re.Pattern[str] | None = None
 
     def label(self, match: regex.Match[str]) -> str:
         if len(self.labels) == 1:
@@ -97,24 +110,45 @@ def _scoped(pattern: str) -> str | None:
     return pattern
 
 
+def _start_prefilter(pattern: regex.Pattern[str]) -> re.Pattern[str] | None:
+    """A stdlib regex matching every character at which ``pattern`` could start a match."""
+    if _CONTEXTUAL.search(pattern.pattern):
+        return None
+    starts = []
+    for code in range(PROBED_BELOW):
+        char = chr(code)
+        # At the start of the text, after a word character, after a non-word character.
+        for context in ("", "a", " "):
+            match = pattern.match(context + char, len(context), partial=True)
+            if match is not None and match.end() > match.start():
+                starts.append(char)
+                break
+    return re.compile("[" + "".join(re.escape(c) for c in starts) + f"\\u{PROBED_BELOW:04x}-\\U0010ffff]")
+
+
+def _searcher(source: str, labels: tuple[str, ...]) -> _Searcher:
+    pattern = regex.compile(source)
+    return _Searcher(pattern, labels, _start_prefilter(pattern))
+
+
 def _build_searchers(alternatives: Sequence[tuple[str, str]]) -> tuple[_Searcher, ...]:
     combinable: list[tuple[str, str]] = []
     alone: list[_Searcher] = []
     for source, label in alternatives:
         scoped = _scoped(source)
         if scoped is None:
-            alone.append(_Searcher(regex.compile(source), (label,)))
+            alone.append(_searcher(source, (label,)))
         else:
             combinable.append((scoped, label))
     if len(combinable) == 1:
-        return (_Searcher(regex.compile(combinable[0][0]), (combinable[0][1],)), *alone)
+        return (_searcher(combinable[0][0], (combinable[0][1],)), *alone)
     if combinable:
         joined = "|".join(f"(?P<guardrail_alt_{i}>{source})" for i, (source, _) in enumerate(combinable))
         try:
-            combined = _Searcher(regex.compile(joined), tuple(label for _, label in combinable))
+            combined = _searcher(joined, tuple(label for _, label in combinable))
         except regex.error:
             # e.g. two patterns defining the same group name: keep them apart.
-            return (*(_Searcher(regex.compile(s), (label,)) for s, label in combinable), *alone)
+            return (*(_searcher(s, (label,)) for s, label in combinable), *alone)
         return (combined, *alone)
     return tuple(alone)
 
@@ -168,7 +202,15 @@ class BannedPatternsChecker:
 
     def feed(self, text: str) -> Verdict:
         """Scan the channel's next piece of text."""
+        idle = self._scan == self._base + len(self._tail)  # no match can have started before it
         self._tail += text
+        if idle and not any(s.starts is None or s.starts.search(text) for s in self._searchers):
+            # Not one character of it can start a match: keep it only as lookbehind context.
+            self._scan += len(text)
+            if len(self._tail) > 2 * LOOKBEHIND_CHARS:
+                self._base += len(self._tail) - LOOKBEHIND_CHARS
+                self._tail = self._tail[-LOOKBEHIND_CHARS:]
+            return Verdict(self._scan)
         return self._scan_tail(final=False)
 
     def finish(self) -> Verdict:

@@ -107,9 +107,15 @@ class TokenBudget:
 
 
 class BudgetChecker:
-    """Counts one channel's tokens; objects to everything past the first ``max_tokens``."""
+    """Counts one channel's tokens; objects to everything past the first ``max_tokens``.
 
-    __slots__ = ("_counter", "_fired", "_length", "_max", "_safe")
+    Exact counting starts only when it can matter: every token is at least one byte, so the
+    count never exceeds the tokens counted so far plus the UTF-8 bytes not yet counted. While
+    that bound stays clear of the budget, text is kept aside uncounted and released; after
+    that, the counter catches up in one call and counts every delta.
+    """
+
+    __slots__ = ("_counter", "_fired", "_length", "_max", "_safe", "_uncounted", "_uncounted_bytes")
 
     def __init__(self, counter: TokenCounter, max_tokens: int) -> None:
         self._counter = counter
@@ -117,13 +123,25 @@ class BudgetChecker:
         self._length = 0
         self._safe = 0
         self._fired = False
+        self._uncounted: list[str] = []
+        self._uncounted_bytes = 0
 
     def feed(self, text: str) -> Verdict:
         self._length += len(text)
         if self._fired:
             return Verdict(self._length)
-        count = self._counter.feed(text)
-        if count > self._max:
+        self._uncounted_bytes += len(text.encode("utf-8", "surrogatepass"))
+        if self._counter.count + self._uncounted_bytes + NEAR_BUDGET_TOKENS <= self._max:
+            self._uncounted.append(text)
+            self._safe = self._length
+            return Verdict(self._length)
+        self._uncounted.append(text)
+        count = self._counter.feed("".join(self._uncounted))
+        self._uncounted.clear()
+        self._uncounted_bytes = 0
+        # A count over the budget is final only once settled text alone is over it: the unsettled
+        # tail can still merge into fewer tokens ("```pyt" is 3 tokens, "```python" is 2).
+        if count > self._max and self._counter.count_prefix(self._counter.stable_length) > self._max:
             return self._cut()
         if self._length - self._counter.stable_length > MAX_UNSETTLED_CHARS:
             raise ValueError(
@@ -136,6 +154,9 @@ class BudgetChecker:
         return Verdict(self._safe)
 
     def finish(self) -> Verdict:
+        if self._uncounted:
+            self._counter.feed("".join(self._uncounted))
+            self._uncounted.clear()
         if not self._fired and self._counter.count > self._max:
             return self._cut()
         return Verdict(self._length)
