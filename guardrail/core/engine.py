@@ -524,7 +524,11 @@ class StreamGuard:
     def _fallback_text(self, text: str) -> bytes:
         # The fallback answer continues every open choice's content: the client receives it there.
         for index in list(self._renderer.open_choices) or [0]:
-            self._channel(Channel(index, "content")).sent.append(text)
+            channel = Channel(index, "content")
+            guard = self._channels.get(channel)  # finished or not: its text goes on here
+            if guard is None:
+                guard = self._channels[channel] = _ChannelGuard(channel, self._text_rules)
+            guard.sent.append(text)
         return self._renderer.fallback(text)
 
     def _pay_usage(self, wire: bytearray) -> None:
