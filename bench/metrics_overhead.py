@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from common import Receiver, chat_scope
 from prometheus_client import CollectorRegistry
 
 from guardrail import GuardrailMiddleware
@@ -75,17 +76,12 @@ def app_for(body: Sequence[bytes]) -> Any:
 
 
 async def one_stream(app: Any) -> float:
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "query_string": b""}
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b'{"stream": true, "messages": []}', "more_body": False}
-
     async def send(message: Message) -> None:
         pass
 
-    start = time.perf_counter()
-    await app(scope, receive, send)
-    return time.perf_counter() - start
+    start = time.process_time()
+    await app(chat_scope(), Receiver(), send)
+    return time.process_time() - start
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

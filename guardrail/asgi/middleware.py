@@ -34,6 +34,7 @@ import anyio
 import httpx
 
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
+from guardrail.asgi._sync import RequestClock, SendLock
 from guardrail.asgi.branch import FallbackRequest, FallbackUnavailable, display_url, fallback_request, open_fallback
 from guardrail.asgi.record import RuleHit, StreamRecord, log_record
 from guardrail.asgi.request import ChatRequest, read_request
@@ -118,7 +119,8 @@ class _GuardedResponse:
         self.rules = rules
         self.scope = scope
         self.downstream = send
-        self.start = anyio.current_time()
+        self.now = RequestClock()
+        self.start = self.now()
         self.request = ChatRequest()
         self.encoding = encoding
         self.prompt_tokens: int | None = None
@@ -126,7 +128,7 @@ class _GuardedResponse:
         self.response_started = False
         self.closed = False  # the body has been completed towards the client
         self.outcome: Outcome | None = None
-        self.send_lock = anyio.Lock(fast_acquire=True)  # no trip through the event loop when uncontended
+        self.send_lock = SendLock()
         self.app_scope = anyio.CancelScope()
         self.replay: list[Message] = []
         self.client_gone = anyio.Event()
@@ -266,7 +268,7 @@ class _GuardedResponse:
             return  # a url fallback fired while this message waited for the lock: the app's part is over
         guard = self.guard
         assert guard is not None
-        now = anyio.current_time()
+        now = self.now()
         more_body = bool(message.get("more_body", False))
         deltas = guard.deltas
         outputs = guard.feed(message.get("body", b""), now)
@@ -274,7 +276,7 @@ class _GuardedResponse:
         if not more_body and not guard.ended:
             outputs += guard.close(now)
         if guard.deltas > deltas:
-            self.metrics.delta(StreamGuard.dialect, anyio.current_time() - now, guard.deltas - deltas)
+            self.metrics.delta(StreamGuard.dialect, self.now() - now, guard.deltas - deltas)
         await self._emit(outputs, more_body=more_body)
 
     async def _emit(self, outputs: list[Output], *, more_body: bool) -> None:
@@ -315,7 +317,7 @@ class _GuardedResponse:
             elif isinstance(output, Intervention):
                 self._intervened(output)
             elif isinstance(output, Released):
-                self.metrics.held(output.chars, anyio.current_time() - output.held_since)
+                self.metrics.held(output.chars, self.now() - output.held_since)
             elif isinstance(output, Anomaly):
                 self.metrics.anomaly(output.kind)
                 logger.warning(
@@ -346,7 +348,7 @@ class _GuardedResponse:
             await anyio.sleep_until(deadline)
             async with self.send_lock:
                 if self.guard is guard and not self.closed:
-                    await self._emit(guard.expire(anyio.current_time()), more_body=True)
+                    await self._emit(guard.expire(self.now()), more_body=True)
 
     async def _next_deadline(self, guard: StreamGuard) -> float | None:
         """The guard's next deadline, waiting while none is armed; None once none can be any more."""
@@ -370,7 +372,7 @@ class _GuardedResponse:
             # The app returned without completing its body: finish it cleanly rather than let the
             # server cut the connection (which clients report as a network error).
             async with self.send_lock:
-                await self._emit(self.guard.close(anyio.current_time()), more_body=False)
+                await self._emit(self.guard.close(self.now()), more_body=False)
 
     async def _app_failed(self, exc: Exception) -> None:
         if self.closed or self.branch is not None:
@@ -386,7 +388,7 @@ class _GuardedResponse:
                 self._settle(Outcome.UPSTREAM_ERROR)
                 return
             assert self.guard is not None
-            outputs = self.guard.upstream_failed(f"{type(exc).__name__} while streaming", anyio.current_time())
+            outputs = self.guard.upstream_failed(f"{type(exc).__name__} while streaming", self.now())
             await self._emit(outputs, more_body=False)
 
     async def _refused_prompt(self, prompt_tokens: int) -> bool:
@@ -438,7 +440,7 @@ class _GuardedResponse:
         if self.closed:
             return  # the client left while the app was stopping: nobody to answer
         fallback = ended.fallback
-        now = anyio.current_time()
+        now = self.now()
         # The same rules guard the fallback's answer; its chunks join the first stream's identity.
         guard = StreamGuard(
             self.rules,
@@ -484,23 +486,23 @@ class _GuardedResponse:
                             return  # ended (a second trip, a time limit) or the client left: stop the fallback
         except FallbackUnavailable as exc:
             logger.warning("%s; ending the stream as an abort", exc)
-            outputs = guard.abort(anyio.current_time())
+            outputs = guard.abort(self.now())
         except httpx.TransportError as exc:
             logger.warning("the fallback upstream failed mid-stream: %s", type(exc).__name__)
-            outputs = guard.upstream_failed(f"{type(exc).__name__} in the fallback answer", anyio.current_time())
+            outputs = guard.upstream_failed(f"{type(exc).__name__} in the fallback answer", self.now())
         else:
-            outputs = guard.close(anyio.current_time())
+            outputs = guard.close(self.now())
         async with self.send_lock:
             if not self.closed:
                 await self._emit_branch(outputs)
 
     def _feed_branch(self, guard: StreamGuard, chunk: bytes) -> list[Output]:
-        now = anyio.current_time()
+        now = self.now()
         deltas = guard.deltas
         outputs = guard.feed(chunk, now)
         self._wake_watcher(guard)
         if guard.deltas > deltas:
-            self.metrics.delta(StreamGuard.dialect, anyio.current_time() - now, guard.deltas - deltas)
+            self.metrics.delta(StreamGuard.dialect, self.now() - now, guard.deltas - deltas)
         return outputs
 
     async def _emit_branch(self, outputs: list[Output]) -> None:
@@ -520,7 +522,7 @@ class _GuardedResponse:
             await anyio.sleep_until(deadline)
             async with self.send_lock:
                 if not self.closed:
-                    await self._emit_branch(guard.expire(anyio.current_time()))
+                    await self._emit_branch(guard.expire(self.now()))
         if self.closed:
             scope.cancel()  # a time limit ended the stream: stop reading the fallback
 
@@ -535,7 +537,7 @@ class _GuardedResponse:
         guard, record = self.guard, self.record
         if guard is None or record is None or not self.response_started:
             return
-        now = anyio.current_time()
+        now = self.now()
         outcome = self.outcome or Outcome.COMPLETED
         first = guard.first_text_at
         record.outcome = outcome

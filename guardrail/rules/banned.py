@@ -87,7 +87,7 @@ class _Searcher:
 
     pattern: regex.Pattern[str]
     labels: tuple[str, ...]
-    starts: re.Pattern[str] | None = None
+    starts: str | None = None  # the characters below PROBED_BELOW that can start a match
 
     def label(self, match: regex.Match[str]) -> str:
         if len(self.labels) == 1:
@@ -110,8 +110,8 @@ def _scoped(pattern: str) -> str | None:
     return pattern
 
 
-def _start_prefilter(pattern: regex.Pattern[str]) -> re.Pattern[str] | None:
-    """A stdlib regex matching every character at which ``pattern`` could start a match."""
+def _start_chars(pattern: regex.Pattern[str]) -> str | None:
+    """The characters below :data:`PROBED_BELOW` at which ``pattern`` could start a match."""
     if _CONTEXTUAL.search(pattern.pattern):
         return None
     starts = []
@@ -123,12 +123,20 @@ def _start_prefilter(pattern: regex.Pattern[str]) -> re.Pattern[str] | None:
             if match is not None and match.end() > match.start():
                 starts.append(char)
                 break
-    return re.compile("[" + "".join(re.escape(c) for c in starts) + f"\\u{PROBED_BELOW:04x}-\\U0010ffff]")
+    return "".join(starts)
+
+
+def _prefilter(searchers: Sequence[_Searcher]) -> re.Pattern[str] | None:
+    """A stdlib regex finding any character where one of ``searchers`` could start a match."""
+    if any(searcher.starts is None for searcher in searchers):
+        return None
+    chars = sorted(set("".join(searcher.starts or "" for searcher in searchers)))
+    return re.compile("[" + "".join(re.escape(c) for c in chars) + f"\\u{PROBED_BELOW:04x}-\\U0010ffff]")
 
 
 def _searcher(source: str, labels: tuple[str, ...]) -> _Searcher:
     pattern = regex.compile(source)
-    return _Searcher(pattern, labels, _start_prefilter(pattern))
+    return _Searcher(pattern, labels, _start_chars(pattern))
 
 
 def _build_searchers(alternatives: Sequence[tuple[str, str]]) -> tuple[_Searcher, ...]:
@@ -181,20 +189,22 @@ class BannedPatterns:
         alternatives = [(p, f"pattern {p!r}") for p in patterns]
         alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases]
         self._searchers = _build_searchers(alternatives)
+        self._prefilter = _prefilter(self._searchers)
         self._timeout = timeout
 
     def checker(self) -> BannedPatternsChecker:
         """A fresh checker for one channel of one stream."""
-        return BannedPatternsChecker(self._searchers, self._timeout)
+        return BannedPatternsChecker(self._searchers, self._prefilter, self._timeout)
 
 
 class BannedPatternsChecker:
     """Per-channel scan state: the unscanned tail of the text and where the next scan starts."""
 
-    __slots__ = ("_base", "_scan", "_searchers", "_tail", "_timeout")
+    __slots__ = ("_base", "_prefilter", "_scan", "_searchers", "_tail", "_timeout")
 
-    def __init__(self, searchers: tuple[_Searcher, ...], timeout: float) -> None:
+    def __init__(self, searchers: tuple[_Searcher, ...], prefilter: re.Pattern[str] | None, timeout: float) -> None:
         self._searchers = searchers
+        self._prefilter = prefilter
         self._timeout = timeout
         self._tail = ""  # the text from offset _base on
         self._base = 0
@@ -204,7 +214,8 @@ class BannedPatternsChecker:
         """Scan the channel's next piece of text."""
         idle = self._scan == self._base + len(self._tail)  # no match can have started before it
         self._tail += text
-        if idle and not any(s.starts is None or s.starts.search(text) for s in self._searchers):
+        prefilter = self._prefilter
+        if idle and prefilter is not None and prefilter.search(text) is None:
             # Not one character of it can start a match: keep it only as lookbehind context.
             self._scan += len(text)
             if len(self._tail) > 2 * LOOKBEHIND_CHARS:

@@ -154,6 +154,8 @@ class BudgetChecker:
         return Verdict(self._safe)
 
     def finish(self) -> Verdict:
+        if self._counter.count + self._uncounted_bytes <= self._max:
+            return Verdict(self._length)  # under the budget for certain: no need to count the rest
         if self._uncounted:
             self._counter.feed("".join(self._uncounted))
             self._uncounted.clear()
