@@ -38,7 +38,7 @@ class SilentMetrics(GuardMetrics):
     ) -> None:
         pass
 
-    def delta(self, dialect: str, check_seconds: float, count: int = 1) -> None:
+    def delta(self, dialect: str, check_seconds: float, count: int = 1, *, sampled: bool = True) -> None:
         pass
 
     def intervention(self, rule: str, action: str, *, leaked_chars: int = 0) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 import concurrency
 import e2e
 import holdback
+import metrics_overhead
 import naive
 import per_delta
 import profile_hot_path
-from common import MODEL_PACE, STREAM_LENGTHS, machine_info, md_table, rules_note, step
+from common import MODEL_PACE, STREAM_LENGTHS, bench_rules, machine_info, md_table, rules_note, step
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -46,6 +47,7 @@ class Everything:
     concurrency: concurrency.Concurrency
     holdback: holdback.HoldbackResults
     profile: profile_hot_path.Profile
+    metrics: dict[str, float]
 
 
 def goals(results: Everything) -> list[Goal]:
@@ -104,6 +106,8 @@ def goals(results: Everything) -> list[Goal]:
             None,
         )
     )
+    overhead = results.metrics["overhead"]
+    found.append(Goal("(issue 5) Prometheus metrics add ≤ 10% per delta", f"{overhead:+.1%}", overhead <= 0.10))
     found.sort(key=lambda goal: goal.goal[:3])  # (a) to (e), stable within each
     return found
 
@@ -185,6 +189,13 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
     sections += [
         "cProfile, top 10 functions (every call traced: small Python functions look costlier than they are):",
         profile_hot_path.table(prof.cprofile, prof, 10),
+        "## Metrics overhead (`bench/metrics_overhead.py`, issue 5)",
+        "The same streams through `GuardrailMiddleware` reporting to a real `GuardMetrics` and to one whose "
+        "methods do nothing, alternating; median CPU time per delta.",
+        md_table(
+            ("metrics", "µs/delta"),
+            [("off", f"{results.metrics['without']:.2f}"), ("on", f"{results.metrics['with']:.2f}")],
+        ),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -210,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> Everything:
     hb = holdback.main([])
     step("(f) profile")
     pf = profile_hot_path.main(["--top", "10"])
-    results = Everything(pd, nv, ee, cc, hb, pf)
+    step("metrics overhead")
+    mo = metrics_overhead.main(["--rules", str(bench_rules()), "--deltas", "3000", "--rounds", "9"])
+    results = Everything(pd, nv, ee, cc, hb, pf, mo)
     seconds = time.perf_counter() - start
     load_at_end = machine_info().get("load average (1, 5, 15 min)", "")
     if load_at_start:

@@ -337,20 +337,21 @@ class GuardMetrics:
         if time_to_first_token is not None:
             collectors.first_token_seconds.observe(time_to_first_token)
 
-    def delta(self, dialect: str, check_seconds: float, count: int = 1) -> None:
+    def delta(self, dialect: str, check_seconds: float, count: int = 1, *, sampled: bool = True) -> None:
         """Count deltas checked against the rules.
 
         Args:
             dialect: the stream's dialect.
-            check_seconds: how long the rules took on this delta (or on these ``count`` deltas,
-                when one body message carried several).
+            check_seconds: how long the rules took on one delta (a sample of the ``count``).
             count: how many deltas.
+            sampled: whether ``check_seconds`` is a real sample for ``guardrail_check_seconds``.
         """
         series = self._dialects.get(dialect)
         if series is None:
             series = self._dialect(dialect)
         series.count_delta(count)
-        self._observe_check(check_seconds)
+        if sampled:
+            self._observe_check(check_seconds)
 
     def intervention(self, rule: str, action: str, *, leaked_chars: int = 0) -> None:
         """Count a rule firing.
