@@ -13,8 +13,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -33,9 +32,12 @@ class EventKind(enum.Enum):
     MALFORMED = "malformed"  # data that is not JSON
 
 
-@dataclass(frozen=True, slots=True)
-class Channel:
-    """Where text lives: ``choice``'s content, refusal, or the arguments of tool call ``tool``."""
+class Channel(NamedTuple):
+    """Where text lives: ``choice``'s content, refusal, or the arguments of tool call ``tool``.
+
+    Internal values built on every delta are named tuples: cheaper to build and to hash than
+    frozen dataclasses, which shows on the per-delta path.
+    """
 
     choice: int
     kind: str  # "content" | "refusal" | "arguments"
@@ -47,8 +49,7 @@ class Channel:
         return f"choices[{self.choice}].{self.kind}"
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(NamedTuple):
     """One channel's text in one chunk, with where it sits in the chunk's JSON."""
 
     channel: Channel
@@ -56,13 +57,12 @@ class Piece:
     where: tuple[int, ...]  # (choice position) or (choice position, tool call position)
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedEvent:
+class ParsedEvent(NamedTuple):
     kind: EventKind
     event: SSEEvent
     pieces: tuple[Piece, ...] = ()
     finished: tuple[int, ...] = ()  # choice indexes whose finish_reason is set
-    obj: dict[str, Any] | None = field(default=None, compare=False)
+    obj: dict[str, Any] | None = None
 
 
 def _add_pieces(pieces: list[Piece], choice_pos: int, index: int, delta: Mapping[str, Any]) -> None:
