@@ -63,7 +63,6 @@ class _ChannelGuard:
         "checkers",
         "finished",
         "held_since",
-        "holds",
         "hits",
         "name",
         "pending",
@@ -76,11 +75,13 @@ class _ChannelGuard:
     def __init__(self, channel: Channel, rules: Sequence[BoundRule]) -> None:
         self.channel = channel
         self.name = str(channel)
-        self.checkers: list[tuple[BoundRule, Checker]] = [
-            (rule, rule.rule.checker()) for rule in rules if isinstance(rule.rule, Rule)
-        ]
-        # Shadow-mode (log) rules never hold text back: they must not change what the client sees, or when.
-        self.holds = [rule.holdback and rule.action is not Action.LOG for rule, _ in self.checkers]
+        # (rule, checker, holds): shadow-mode (log) rules never hold text back, so that they
+        # change neither what the client sees nor when.
+        self.checkers: tuple[tuple[BoundRule, Checker, bool], ...] = tuple(
+            (rule, rule.rule.checker(), rule.holdback and rule.action is not Action.LOG)
+            for rule in rules
+            if isinstance(rule.rule, Rule)
+        )
         self.hits: list[tuple[Hit, BoundRule]] = []
         self.pending = ""  # text from offset `released` on, not yet sent
         self.received = 0
@@ -103,15 +104,15 @@ class _ChannelGuard:
         if final:
             self.finished = True
         frontier = self.received
-        for number, (rule, checker) in enumerate(self.checkers):
+        for rule, checker, holds in self.checkers:
             try:
                 verdict: Verdict = checker.finish() if final else checker.feed(text)
             except Exception as exc:
                 raise RuleError(rule.name, f"{type(exc).__name__}: {exc}") from exc
             if verdict.hits:
                 self.hits.extend((hit, rule) for hit in verdict.hits)
-            if self.holds[number] and not final:
-                frontier = min(frontier, verdict.safe)
+            if holds and verdict.safe < frontier and not final:
+                frontier = verdict.safe
         released = self._release(frontier, out)
         if released:
             self.sent.append(released)
