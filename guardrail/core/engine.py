@@ -36,7 +36,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from guardrail.core.openai_chat import DIALECT, Channel, ChatRenderer, EventKind, ParsedEvent, dumps, parse
+from guardrail.core.openai_chat import (
+    DIALECT,
+    Channel,
+    ChatRenderer,
+    EventKind,
+    ParsedEvent,
+    carries_something,
+    dumps,
+    parse,
+)
 from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Outcome, Output, Released, Send
 from guardrail.core.rule import Action, BoundRule, Checker, Fallback, Hit, Rule, TimedRule, Timer, Verdict
 from guardrail.core.sse import SSEDecoder, SSEEvent, encode_event
@@ -275,14 +284,7 @@ class StreamGuard:
             out.append(Intervention(rule.name, rule.action, "stream", 0, 0, 0, code))
             if rule.action is Action.LOG:
                 continue
-            try:
-                # What was held only because more text might complete a match is safe now.
-                self._flush_channels(self._channels.values(), now, wire, out)
-            except _Trip as trip:
-                self._trip(trip, wire, out)
-            except RuleError as exc:
-                self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
-            else:
+            if self._release_held(now, wire, out):
                 self._time_out(rule, code, wire, out)
             break
         return self._flush(wire, out)
@@ -332,13 +334,7 @@ class StreamGuard:
                     ended_stream=False,
                 )
             )
-        try:
-            self._flush_channels(self._channels.values(), now, wire, out)
-        except _Trip as trip:
-            self._trip(trip, wire, out)
-        except RuleError as exc:
-            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
-        if not self._ended:
+        if self._release_held(now, wire, out):
             self._pay_usage(wire)  # a stream that ended without [DONE] still gets its usage
             self._ended = True
             out.append(Ended(Outcome.COMPLETED))
@@ -353,19 +349,11 @@ class StreamGuard:
             return []
         out: list[Output] = []
         wire = bytearray()
-        try:
-            self._flush_channels(self._channels.values(), now, wire, out)
-        except _Trip as trip:
-            self._trip(trip, wire, out)
-            return self._flush(wire, out)
-        except RuleError as exc:
-            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
-            return self._flush(wire, out)
-        self._ended = True
-        wire += self._renderer.error(
-            f"the upstream stream failed: {detail}", type="upstream_error", code="upstream_error"
-        )
-        out.append(Ended(Outcome.UPSTREAM_ERROR))
+        if self._release_held(now, wire, out):
+            self._ended = True
+            message = f"the upstream stream failed: {detail}"
+            wire += self._renderer.error(message, type="upstream_error", code="upstream_error")
+            out.append(Ended(Outcome.UPSTREAM_ERROR))
         return self._flush(wire, out)
 
     def abort(self, now: float = 0.0) -> list[Output]:
@@ -382,19 +370,12 @@ class StreamGuard:
             return []
         out: list[Output] = []
         wire = bytearray()
-        try:
-            self._flush_channels(self._channels.values(), now, wire, out)
-        except _Trip as trip:
-            self._trip(trip, wire, out)
-            return self._flush(wire, out)
-        except RuleError as exc:
-            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
-            return self._flush(wire, out)
-        self._ended = True
-        wire += self._renderer.finish("content_filter")
-        self._pay_usage(wire)
-        wire += self._renderer.done()
-        out.append(Ended(Outcome.ABORTED))
+        if self._release_held(now, wire, out):
+            self._ended = True
+            wire += self._renderer.finish("content_filter")
+            self._pay_usage(wire)
+            wire += self._renderer.done()
+            out.append(Ended(Outcome.ABORTED))
         return self._flush(wire, out)
 
     # -- events ---------------------------------------------------------------------------
@@ -463,6 +444,22 @@ class StreamGuard:
                 wire += rewritten
         if self.first_text_at is None and any(texts.values()):
             self.first_text_at = now
+
+    def _release_held(self, now: float, wire: bytearray, out: list[Output]) -> bool:
+        """End every channel: what was held only because more text might complete a match is safe now.
+
+        Returns False if that ended the stream instead (a pending match turned out final and
+        tripped its rule, or a rule failed).
+        """
+        try:
+            self._flush_channels(self._channels.values(), now, wire, out)
+        except _Trip as trip:
+            self._trip(trip, wire, out)
+            return False
+        except RuleError as exc:
+            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+            return False
+        return True
 
     def _channel(self, channel: Channel) -> _ChannelGuard:
         guard = self._channels.get(channel)
@@ -586,19 +583,8 @@ def _adopt(parsed: ParsedEvent, identity: Mapping[str, Any]) -> ParsedEvent | No
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if isinstance(delta, dict) and delta.pop("role", None) is not None:
             dropped_role = True
-    if dropped_role and parsed.kind is EventKind.PASS and not adopted.get("usage") and not _says_something(choices):
+    said = isinstance(choices, list) and any(carries_something(choice) for choice in choices)
+    if dropped_role and parsed.kind is EventKind.PASS and not adopted.get("usage") and not said:
         return None
     data = dumps(adopted)
     return parse(SSEEvent(encode_event(data), data))
-
-
-def _says_something(choices: object) -> bool:
-    """Whether any choice has a finish reason or a delta value other than null or empty."""
-    for choice in choices if isinstance(choices, list) else ():
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta")
-        values = delta.values() if isinstance(delta, dict) else ()
-        if choice.get("finish_reason") is not None or any(value not in (None, "", []) for value in values):
-            return True
-    return False

@@ -210,7 +210,7 @@ class ChatRenderer:
             for choice in choices:
                 if isinstance(choice, dict) and choice.get("finish_reason") is not None:
                     choice["finish_reason"] = None
-        if not any(_carries_something(choice) for choice in choices) and not obj.get("usage"):
+        if not any(carries_something(choice) for choice in choices) and not obj.get("usage"):
             return None
         return encode_event(dumps(obj))
 
@@ -233,7 +233,8 @@ class ChatRenderer:
         return encode_event(dumps({"error": {"message": message, "type": type, "param": None, "code": code}}))
 
 
-def _carries_something(choice: object) -> bool:
+def carries_something(choice: object) -> bool:
+    """Whether a chunk's choice says anything: a finish reason, or a delta value other than null or empty."""
     if not isinstance(choice, dict):
         return False
     if choice.get("finish_reason") is not None:
