@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,11 +29,13 @@ from starlette.middleware import Middleware
 
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
 from guardrail.asgi import GuardrailMiddleware
-from guardrail.config import RuleSet
+from guardrail.config import RuleSet, load_rules
 from guardrail.core.engine import StreamGuard
 from guardrail.core.outputs import Ended, Intervention, Outcome, Output, Send as SendBytes
 from guardrail.core.rule import Action, BoundRule, Fallback
 from guardrail.metrics import GuardMetrics
+from guardrail.proxy.app import ServeSettings, build_app
+from guardrail.proxy.demo import DemoModel
 from guardrail.rules.banned import BannedPatterns
 from guardrail.rules.timeout import IdleTimeout
 from tests.apps import (
@@ -599,3 +602,30 @@ async def test_a_deadline_passing_during_an_app_send_never_overlaps_it(
     recorder.assert_ended_cleanly()
     assert error_of(recorder.events)["code"] == code
     assert recorder.events[-1].data is not None and json.loads(recorder.events[-1].data)["error"]["code"] == code
+
+
+def test_the_first_delta_brings_a_sooner_idle_deadline_forward(tmp_path: Path) -> None:
+    """A 30 s first-token limit gives way to a 1 s idle limit at the first delta: the watcher wakes for it."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\n"
+        "rules:\n"
+        "  - {name: stalled, type: idle_timeout, seconds: 1, first_token_seconds: 30, action: fallback,"
+        " fallback: retry}\n"
+        f"fallbacks:\n  retry: {{text: {FALLBACK_TEXT!r}}}\n"
+    )
+    app = build_app(
+        ServeSettings(rules=(str(rules),), upstream=None),
+        rules=load_rules(rules),
+        registry=CollectorRegistry(),
+        model=DemoModel(seconds_per_token=0.01, keepalive_seconds=0.2),  # paced: the watcher sleeps first
+    )
+    with serve_in_thread(app) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0) as client:
+        started = time.monotonic()
+        stream = client.chat.completions.create(
+            model="m", stream=True, messages=[{"role": "user", "content": "Can you stall?"}], timeout=20
+        )
+        text = "".join(choice.delta.content or "" for chunk in stream for choice in chunk.choices)
+        elapsed = time.monotonic() - started
+    assert text.endswith(FALLBACK_TEXT)
+    assert elapsed < 10, f"the fallback came after {elapsed:.1f} s: the 30 s first-token deadline was kept"

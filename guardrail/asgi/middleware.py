@@ -139,6 +139,8 @@ class _GuardedResponse:
         self.client_gone = anyio.Event()
         self.armed = anyio.Event()  # set when a guard with deadlines appears
         self.rearmed = anyio.Event()  # set when text re-arms a deadline the watcher waits for
+        self.deadline_moved = anyio.Event()  # set when text moves the deadline before watching_until
+        self.watching_until: float | None = None
         self.record: StreamRecord | None = None
         self.early_hits: list[RuleHit] = []
         self.texts: dict[str, str] = {}
@@ -358,7 +360,7 @@ class _GuardedResponse:
             deadline = await self._next_deadline(guard)
             if deadline is None:
                 return
-            await anyio.sleep_until(deadline)
+            await self._sleep_until(deadline)
             async with self.send_lock:
                 if self.guard is guard and not self.closed:
                     await self._emit(guard.expire(self.now()), more_body=True)
@@ -374,9 +376,27 @@ class _GuardedResponse:
             await self.rearmed.wait()
         return None
 
+    async def _sleep_until(self, deadline: float) -> None:
+        """Sleep until ``deadline``, or until text moves the guard's next deadline earlier.
+
+        The first text replaces a first-token limit with an idle limit that may fall sooner.
+        """
+        self.watching_until = deadline
+        self.deadline_moved = anyio.Event()
+        with anyio.move_on_after(deadline - self.now()):
+            await self.deadline_moved.wait()
+        self.watching_until = None
+
     def _wake_watcher(self, guard: StreamGuard) -> None:
-        if not self.rearmed.is_set() and guard.deadline is not None:
+        if not guard.timed:
+            return
+        deadline = guard.deadline
+        if deadline is None:
+            return
+        if not self.rearmed.is_set():
             self.rearmed.set()
+        if self.watching_until is not None and deadline < self.watching_until:
+            self.deadline_moved.set()
 
     # -- endings ----------------------------------------------------------------------------
 
@@ -532,7 +552,7 @@ class _GuardedResponse:
 
     async def _watch_branch_deadlines(self, guard: StreamGuard, scope: anyio.CancelScope) -> None:
         while (deadline := await self._next_deadline(guard)) is not None:
-            await anyio.sleep_until(deadline)
+            await self._sleep_until(deadline)
             async with self.send_lock:
                 if not self.closed:
                     await self._emit_branch(guard.expire(self.now()))
