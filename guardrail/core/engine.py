@@ -490,34 +490,36 @@ class StreamGuard:
     def _trip(self, trip: _Trip, wire: bytearray, out: list[Output]) -> None:
         rule = trip.rule
         self._ended = True
-        fallback = self._fallback_of(rule)
-        if rule.action is Action.FALLBACK and fallback is not None and fallback.url is not None:
-            out.append(Ended(Outcome.FALLBACK, rule.name, fallback))
+        if self._fall_back(rule, Outcome.FALLBACK, wire, out):
             return
-        if rule.action is Action.FALLBACK and fallback is not None and fallback.text is not None:
-            wire += self._fallback_text(fallback.text)
-            outcome = Outcome.FALLBACK
-        else:
-            wire += self._renderer.finish(_stop_reason(rule))
-            outcome = Outcome.ABORTED
+        wire += self._renderer.finish(_stop_reason(rule))
         self._pay_usage(wire)
         wire += self._renderer.done()
-        out.append(Ended(outcome, rule.name))
+        out.append(Ended(Outcome.ABORTED, rule.name))
 
     def _time_out(self, rule: BoundRule, code: str, wire: bytearray, out: list[Output]) -> None:
         self._ended = True
-        fallback = self._fallback_of(rule)
-        if rule.action is Action.FALLBACK and fallback is not None and fallback.url is not None:
-            out.append(Ended(Outcome.TIMEOUT, rule.name, fallback))
+        if self._fall_back(rule, Outcome.TIMEOUT, wire, out):
             return
-        if rule.action is Action.FALLBACK and fallback is not None and fallback.text is not None:
-            wire += self._fallback_text(fallback.text)
-            self._pay_usage(wire)
-            wire += self._renderer.done()
-        else:
-            message = f"guardrail ended the stream: {_TIMEOUT_MESSAGES.get(code, code)} (rule {rule.name!r})"
-            wire += self._renderer.error(message, type="timeout", code=code)
+        message = f"guardrail ended the stream: {_TIMEOUT_MESSAGES.get(code, code)} (rule {rule.name!r})"
+        wire += self._renderer.error(message, type="timeout", code=code)
         out.append(Ended(Outcome.TIMEOUT, rule.name))
+
+    def _fall_back(self, rule: BoundRule, outcome: Outcome, wire: bytearray, out: list[Output]) -> bool:
+        """End with the rule's fallback if it has one: stream its text, or hand its url to the shell."""
+        fallback = self._fallback_of(rule)
+        if rule.action is not Action.FALLBACK or fallback is None:
+            return False
+        if fallback.url is not None:
+            out.append(Ended(outcome, rule.name, fallback))  # the shell streams the other upstream
+            return True
+        if fallback.text is None:
+            return False
+        wire += self._fallback_text(fallback.text)
+        self._pay_usage(wire)
+        wire += self._renderer.done()
+        out.append(Ended(outcome, rule.name))
+        return True
 
     def _fallback_text(self, text: str) -> bytes:
         # The fallback answer continues every open choice's content: the client receives it there.
