@@ -77,7 +77,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from guardrail._types import ASGIApp, Message, Receive, Scope, Send
+from guardrail._asgi import send_response, serve_lifespan
+from guardrail._types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
     "ACTIONS",
@@ -451,17 +452,17 @@ class _MetricsApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _serve_lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             raise ValueError(f"metrics_app serves HTTP, not {scope['type']!r}")
         if scope["method"] != "GET":
-            await _respond(send, 405, b"Method Not Allowed\n", b"text/plain; charset=utf-8", (b"allow", b"GET"))
+            await send_response(send, 405, b"Method Not Allowed\n", b"text/plain; charset=utf-8", [(b"allow", b"GET")])
             return
         # In a thread: a multiprocess scrape reads every worker's files, and the event loop is
         # busy carrying streams whose latency matters more than the scrape's.
         body = await anyio.to_thread.run_sync(self._render)
-        await _respond(send, 200, body, CONTENT_TYPE_LATEST.encode("latin-1"))
+        await send_response(send, 200, body, CONTENT_TYPE_LATEST.encode("latin-1"))
 
     def _render(self) -> bytes:
         # Read per scrape, not at import: the server may set it after importing the app.
@@ -472,23 +473,3 @@ class _MetricsApp:
         # prometheus_client's multiprocess module has no annotations.
         MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
-
-
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes, *headers: tuple[bytes, bytes]) -> None:
-    start: Message = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers],
-    }
-    await send(start)
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _serve_lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -22,7 +22,6 @@ response (``_branch``; the HTTP half is :mod:`guardrail.asgi.branch`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from typing import cast
 import anyio
 import httpx
 
+from guardrail._asgi import openai_error, send_json
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
 from guardrail.asgi._sync import RequestClock, SendLock
 from guardrail.asgi.branch import FallbackRequest, FallbackUnavailable, display_url, fallback_request, open_fallback
@@ -454,14 +454,12 @@ class _GuardedResponse:
         param: str | None = None,
         retry: bool = True,
     ) -> None:
-        body = _error_body(message, code, error_type, param)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if not retry:
-            # The SDKs retry some statuses on their own; a policy refusal would fail the same way again.
-            headers.append((b"x-should-retry", b"false"))
+        # The SDKs retry some statuses on their own; a policy refusal would fail the same way again.
+        headers = [] if retry else [(b"x-should-retry", b"false")]
         try:
-            await self.downstream({"type": "http.response.start", "status": status, "headers": headers})
-            await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
+            await send_json(
+                self.downstream, status, openai_error(message, type=error_type, code=code, param=param), headers
+            )
         except OSError:
             self._client_went_away()
 
@@ -596,7 +594,3 @@ class _GuardedResponse:
                 self.middleware.on_record(record)
             except Exception:
                 logger.exception("on_record callback failed")
-
-
-def _error_body(message: str, code: str, error_type: str = "upstream_error", param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}}).encode()

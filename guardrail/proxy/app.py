@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from typing import Any
 import anyio
 from prometheus_client import CollectorRegistry
 
+from guardrail._asgi import openai_error, send_json
 from guardrail._types import ASGIApp, Receive, Scope, Send
 from guardrail.asgi.branch import CREDENTIAL_ORIGINS_KEY, display_url, origin_of
 from guardrail.config import RuleSet, load_rules
@@ -135,10 +135,9 @@ class GuardingProxy:
         elif path == "/metrics":
             await self.metrics(scope, receive, send)
         elif path == "/healthz":
-            await _send_json(send, 200, {"status": "ok"})
+            await send_json(send, 200, {"status": "ok"})
         else:
-            error = {"message": f"Not found: {path}", "type": "invalid_request_error", "param": None, "code": None}
-            await _send_json(send, 404, {"error": error})
+            await send_json(send, 404, openai_error(f"Not found: {path}", type="invalid_request_error", code=None))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -198,13 +197,6 @@ def create_app() -> GuardingProxy:
         ConfigError: a rule file is invalid.
     """
     return build_app(ServeSettings.from_env())
-
-
-async def _send_json(send: Send, status: int, payload: Any) -> None:
-    body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def run(settings: ServeSettings, *, host: str, port: int, workers: int = 1, log_level: str = "info") -> None:

@@ -40,7 +40,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
-from starlette.types import Message, Receive, Scope, Send
+
+from guardrail._asgi import openai_error, send_json, serve_lifespan
+from guardrail._types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,6 @@ MAX_REQUEST_BYTES = 1024 * 1024
 _MAX_PIECE_CHARS = 6
 # A word with its leading space, a punctuation mark with its leading space, or whitespace.
 _PIECE = re.compile(r" ?\w+| ?[^\w\s]|\s+")
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _KEEPALIVE_EVENT = b": keep-alive\n\n"
 _DONE_EVENT = b"data: [DONE]\n\n"
@@ -355,18 +356,9 @@ def _sse_event(payload: object) -> bytes:
     return b"data: " + _dumps(payload) + b"\n\n"
 
 
-async def _send_json(send: Send, status: int, payload: object) -> None:
-    body = _dumps(payload)
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii"))]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
 async def _send_error(send: Send, error: _BadRequest) -> None:
-    envelope = {
-        "error": {"message": error.message, "type": "invalid_request_error", "param": error.param, "code": error.code}
-    }
-    await _send_json(send, error.status, envelope)
+    envelope = openai_error(error.message, type="invalid_request_error", code=error.code, param=error.param)
+    await send_json(send, error.status, envelope)
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -440,7 +432,7 @@ class DemoModel:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ASGI connection (HTTP and lifespan; websockets are refused)."""
         if scope["type"] == "lifespan":
-            await _run_lifespan(receive, send)
+            await serve_lifespan(receive, send)
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1000})
         elif scope["type"] == "http":
@@ -452,7 +444,7 @@ class DemoModel:
             await self._chat(receive, send)
         elif (method, path) == ("GET", "/v1/models"):
             model = {"id": self._model_id, "object": "model", "created": 1735689600, "owned_by": "guardrail"}
-            await _send_json(send, 200, {"object": "list", "data": [model]})
+            await send_json(send, 200, {"object": "list", "data": [model]})
         else:
             await _send_error(send, _BadRequest(404, f"Invalid URL ({method} {path})", None, None))
 
@@ -467,7 +459,7 @@ class DemoModel:
             return
         logger.debug("demo answer %s (stream=%s)", reply.scenario, reply.stream)
         if not reply.stream:
-            await _send_json(send, 200, reply.completion())
+            await send_json(send, 200, reply.completion())
             return
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(_cancel_on_disconnect, receive, task_group.cancel_scope)
@@ -498,13 +490,3 @@ class DemoModel:
             while True:
                 await anyio.sleep(self._keepalive_seconds)
                 await emit(_KEEPALIVE_EVENT)
-
-
-async def _run_lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -18,7 +18,6 @@ after an abort), the upstream response is closed, so the upstream model stops ge
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -29,6 +28,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
+from guardrail._asgi import openai_error, send_json, serve_lifespan
 from guardrail._types import Message, Receive, Scope, Send
 from guardrail.exceptions import UpstreamStreamError
 from guardrail.proxy.headers import client_response_headers, upstream_request_headers
@@ -180,21 +180,11 @@ class UpstreamProxy:
             UpstreamStreamError: the upstream failed after the response had started.
         """
         if scope["type"] == "lifespan":
-            await self._run_lifespan(receive, send)
+            await serve_lifespan(receive, send, on_shutdown=self.aclose)
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1000})  # refused: not proxied
         elif scope["type"] == "http":
             await self._forward(scope, receive, send)
-
-    async def _run_lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -305,9 +295,5 @@ async def _cancel_on_disconnect(receive: Receive, body_read: anyio.Event, scope:
 
 
 async def _send_upstream_error(send: Send, status: int, message: str, code: str) -> None:
-    envelope = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
-    body = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))]
     with contextlib.suppress(OSError):  # the client may already be gone; nothing left to tell it
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_json(send, status, openai_error(message, type="upstream_error", code=code))
