@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -416,3 +419,47 @@ def with_spec_version(app: ASGIApp, spec_version: str) -> ASGIApp:
         await app(scope, receive, send)
 
     return versioned
+
+
+# --- a real client: the official openai SDK ------------------------------------------------------
+
+SDK_TIMEOUT_SECONDS = 20.0
+SDK_MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello?"}]
+
+
+@dataclass
+class Received:
+    """What the SDK client got: each content piece with when it arrived, finish reasons, the error raised."""
+
+    started: float = field(default_factory=time.monotonic)
+    pieces: list[tuple[float, str]] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    error: openai.APIError | None = None
+    error_at: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(text for _, text in self.pieces)
+
+    def arrival(self, text: str) -> float:
+        return next(at for at, piece in self.pieces if piece == text)
+
+
+async def stream_with_sdk(base_url: str) -> Received:
+    """Stream one chat completion with the official SDK; an ``APIError`` is caught and kept."""
+    received = Received()
+    async with openai.AsyncOpenAI(
+        base_url=f"{base_url}/v1", api_key="test", max_retries=0, timeout=SDK_TIMEOUT_SECONDS
+    ) as client:
+        try:
+            stream = await client.chat.completions.create(model="m", messages=SDK_MESSAGES, stream=True)
+            async with stream:
+                async for chunk in stream:
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            received.pieces.append((time.monotonic(), choice.delta.content))
+                        if choice.finish_reason is not None:
+                            received.finish_reasons.append(str(choice.finish_reason))
+        except openai.APIError as exc:
+            received.error, received.error_at = exc, time.monotonic()
+    return received

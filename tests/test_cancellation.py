@@ -41,6 +41,7 @@ from tests.apps import (
     ThreadLog,
     generator_app,
     split_events,
+    stream_with_sdk,
     with_spec_version,
 )
 from tests.servers import serve_in_thread
@@ -94,33 +95,6 @@ async def sample_eventually(registry: CollectorRegistry, name: str, labels: dict
 
 def streams_ended(outcome: str) -> tuple[str, dict[str, str]]:
     return "guardrail_streams_total", {"dialect": "openai_chat", "outcome": outcome}
-
-
-@dataclass
-class Streamed:
-    """What the SDK client got: the content text, the finish reasons and the error it raised, if any."""
-
-    text: str = ""
-    finish_reasons: list[str] = field(default_factory=list)
-    error: openai.APIError | None = None
-
-
-async def stream_with_sdk(base_url: str) -> Streamed:
-    streamed = Streamed()
-    async with openai.AsyncOpenAI(
-        base_url=f"{base_url}/v1", api_key="test", max_retries=0, timeout=CLIENT_TIMEOUT_SECONDS
-    ) as client:
-        try:
-            stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            async with stream:
-                async for chunk in stream:
-                    for choice in chunk.choices:
-                        streamed.text += choice.delta.content or ""
-                        if choice.finish_reason is not None:
-                            streamed.finish_reasons.append(str(choice.finish_reason))
-        except openai.APIError as exc:
-            streamed.error = exc
-    return streamed
 
 
 # --- acceptance 3: a client that goes away -----------------------------------------------------

@@ -14,7 +14,6 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import anyio.lowlevel
 import anyio.to_thread
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client import CollectorRegistry
 from starlette.middleware import Middleware
 
@@ -53,13 +51,13 @@ from tests.apps import (
     http_scope,
     joined_content,
     split_events,
+    stream_with_sdk,
     with_spec_version,
 )
 from tests.servers import serve_in_thread
 
 CHAT = ChatChunks()
 FALLBACK_TEXT = "Please try again."
-MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello?"}]
 THREE_DELTAS = ["One, ", "two, ", "three."]
 
 
@@ -263,46 +261,6 @@ def test_held_text_that_turns_out_to_match_is_not_released_at_the_timeout() -> N
 
 
 # --- end to end: uvicorn and the openai SDK ---------------------------------------------------
-
-SDK_TIMEOUT_SECONDS = 20.0
-
-
-@dataclass
-class Received:
-    """What the SDK client got: each content piece with when it arrived, finish reasons, the error raised."""
-
-    started: float = field(default_factory=time.monotonic)
-    pieces: list[tuple[float, str]] = field(default_factory=list)
-    finish_reasons: list[str] = field(default_factory=list)
-    error: openai.APIError | None = None
-    error_at: float | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(text for _, text in self.pieces)
-
-    def arrival(self, text: str) -> float:
-        return next(at for at, piece in self.pieces if piece == text)
-
-
-async def stream_with_sdk(base_url: str) -> Received:
-    """Stream one chat completion with the official SDK; an ``APIError`` is caught and kept."""
-    received = Received()
-    async with openai.AsyncOpenAI(
-        base_url=f"{base_url}/v1", api_key="test", max_retries=0, timeout=SDK_TIMEOUT_SECONDS
-    ) as client:
-        try:
-            stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            async with stream:
-                async for chunk in stream:
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            received.pieces.append((time.monotonic(), choice.delta.content))
-                        if choice.finish_reason is not None:
-                            received.finish_reasons.append(str(choice.finish_reason))
-        except openai.APIError as exc:
-            received.error, received.error_at = exc, time.monotonic()
-    return received
 
 
 def guarded_generator_app(
