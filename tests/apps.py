@@ -180,6 +180,16 @@ def http_scope(path: str = CHAT_PATH, *, method: str = "POST", spec_version: str
     }
 
 
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body, as an app reads it from ``receive``."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
 class Receiver:
     """An ASGI ``receive``: the request body, then nothing until :meth:`disconnect` is called."""
 

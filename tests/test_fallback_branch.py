@@ -34,7 +34,7 @@ from guardrail.metrics import GuardMetrics
 from guardrail.proxy.app import ServeSettings, build_app
 from guardrail.rules.banned import BannedPatterns
 from guardrail.rules.timeout import IdleTimeout
-from tests.apps import CHAT_PATH, ChatChunks, Receiver, Recorder, SteppedApp, http_scope, split_events
+from tests.apps import CHAT_PATH, ChatChunks, Receiver, Recorder, SteppedApp, http_scope, read_body, split_events
 from tests.servers import serve_in_thread
 
 KEY_PATTERN = r"(?<![A-Za-z0-9])sk-[A-Za-z0-9]{20,}"
@@ -201,12 +201,7 @@ class ModelServer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
         payload = json.loads(body)
         self.requests.append(({k.decode(): v.decode() for k, v in scope["headers"]}, payload))
         model = payload.get("model")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
@@ -55,7 +57,7 @@ def test_a_scrape_over_a_socket_shows_what_the_guard_did() -> None:
     async def completions(request: Request) -> StreamingResponse:
         kind = (await request.json())["kind"]
 
-        async def body() -> object:
+        async def body() -> AsyncIterator[bytes]:
             for part in chunks.stream(ANSWERS[kind]):
                 yield part
 

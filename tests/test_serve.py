@@ -30,7 +30,7 @@ from guardrail.cli import main
 from guardrail.proxy.app import ENV_RULES, ENV_UPSTREAM, ServeSettings, build_app, create_app
 from guardrail.proxy.demo import CODE_NAME, FAKE_API_KEY, answer_for, split_tokens
 from guardrail.proxy.upstream import UpstreamProxy
-from tests.apps import CHAT_PATH, ChatChunks
+from tests.apps import CHAT_PATH, ChatChunks, read_body
 from tests.servers import serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,12 +169,7 @@ class FakeUpstream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
         self.headers.append({name.decode(): value.decode() for name, value in scope["headers"]})
         if scope["path"] == "/v1/models":
             await respond(send, 200, b'{"object":"list","data":[]}', b"application/json")

@@ -20,6 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from guardrail.exceptions import UpstreamStreamError
 from guardrail.proxy.demo import DemoModel, answer_for
 from guardrail.proxy.upstream import UpstreamProxy, join_path
+from tests.apps import read_body
 from tests.servers import serve_in_thread
 
 TIMEOUT = 10.0
@@ -57,12 +58,7 @@ class FakeUpstream:
             return
         headers = {name.decode(): value.decode() for name, value in scope["headers"]}
         test_id = headers.get("x-test-id", "")
-        body = b""
-        more_body = True
-        while more_body:
-            message = await receive()
-            body += message.get("body", b"")
-            more_body = message.get("more_body", False)
+        body = await read_body(receive)
         self.seen[test_id] = Seen(scope["method"], scope["path"], scope["query_string"], headers, body)
         route = scope["path"].rsplit("/", 1)[-1]
         if route == "completions":
