@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check guardrail tests bench examples
 	$(VENV)/bin/ruff format --check guardrail tests bench examples
-	$(VENV)/bin/mypy guardrail
+	$(VENV)/bin/mypy guardrail tests
 	$(VENV)/bin/python -m pytest
 
 run: $(VENV)/.installed
