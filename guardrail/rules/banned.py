@@ -9,6 +9,7 @@ except a pending partial match, and per-delta cost does not grow with the stream
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,16 +36,29 @@ LOOKAHEAD_CHARS = 8
 # 4096-bit RSA key (about 3.3 KB) with room to spare.
 MAX_MATCH_CHARS = 8192
 
-# Where a match can start is found by trying each character below this code point (ASCII and
-# the Latin blocks: a few milliseconds per pattern at load). Every character above it counts as
-# a possible start, so text in other scripts is always searched: a prefilter can only skip.
+# Where a match can start is found by probing the pattern with one character after another, up to
+# PREFIX_DEPTH characters deep, at load: the prefilter then runs only on deltas where a possible
+# match prefix appears (such as "sk-" at a word start), not on every delta that holds an "s".
+# The first character is probed below PROBED_BELOW (ASCII and the Latin blocks), the next ones
+# in ASCII; every character above counts as a possible start or continuation, so text in other
+# scripts is always searched: a prefilter can only skip.
 PROBED_BELOW = 0x250
+PREFIX_DEPTH = 3
+PREFIX_NODES = 64  # prefixes probed past the first character, per pattern (each probes 128 characters)
 
 _LEADING_FLAGS = regex.compile(r"\A\(\?([imsx]+)\)")
+# A pattern led by a one-character negative lookbehind, such as (?<![A-Za-z0-9_-]): the lookbehind
+# becomes part of the prefilter, and the rest is probed without context.
+_LEADING_LOOKBEHIND = regex.compile(r"\A(?:\(\?([imsx]+)\))?\(\?<!((?:\\.|\[(?:\\.|[^\]\\])+\]|[^()\[\]\\|])+)\)")
+# A regex token, so that what looks back can be found outside character classes.
+_TOKEN = regex.compile(r"\\.|\[\^?\]?(?:\\.|[^\]\\])*\]|\(\?<[=!]|\(\?[a-zA-Z0-9]+\)|.", regex.DOTALL)
+# Tokens whose outcome depends on the text before the match: what a prefix probe cannot see.
+_LOOKS_BACK = regex.compile(r"\\[bBmMGA<>]|\^|\(\?<[=!]|\(\?[a-zA-Z0-9]+\)")
 # What a one-character probe cannot see: a lookbehind that demands context, \B, \G.
 _CONTEXTUAL = regex.compile(r"\(\?<=|\\B|\\G")
 _NUMBERED_BACKREFERENCE = regex.compile(r"\\[1-9]|\\g<\d+>")
 _WORD_CHAR = regex.compile(r"\w")
+_UNPROBED = f"[\\u{PROBED_BELOW:04x}-\\U0010ffff]"
 
 
 def compile_pattern(pattern: str) -> None:
@@ -74,20 +88,15 @@ def phrase_pattern(phrase: str) -> str:
     # Bound only the edges made of word characters: "@admin" should still match "to @admin".
     left = r"(?<!\w)" if _WORD_CHAR.match(words[0][0]) else ""
     right = r"(?!\w)" if _WORD_CHAR.match(words[-1][-1]) else ""
-    return f"(?i:{left}{body}{right})"
+    return f"{left}(?i:{body}){right}"
 
 
 @dataclass(frozen=True, slots=True)
 class _Searcher:
-    """One compiled regex, the label of each alternative it combines, and its start prefilter.
-
-    ``starts`` finds a character at which a match could start; None when any could. A piece of
-    text it finds nothing in cannot start a match, so the regex need not run on it.
-    """
+    """One compiled regex and the label of each alternative it combines."""
 
     pattern: regex.Pattern[str]
     labels: tuple[str, ...]
-    starts: str | None = None  # the characters below PROBED_BELOW that can start a match
 
     def label(self, match: regex.Match[str]) -> str:
         if len(self.labels) == 1:
@@ -110,33 +119,127 @@ def _scoped(pattern: str) -> str | None:
     return pattern
 
 
-def _start_chars(pattern: regex.Pattern[str]) -> str | None:
-    """The characters below :data:`PROBED_BELOW` at which ``pattern`` could start a match."""
+class _Prefix:
+    """A node of the tree of prefixes a match can start with; a leaf allows any continuation."""
+
+    __slots__ = ("children", "leaf")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Prefix] = {}
+        self.leaf = True
+
+
+@functools.lru_cache(maxsize=1024)
+def _prefilter_source(pattern: str) -> str | None:
+    """A stdlib regex finding every character of a text where ``pattern`` could start a match.
+
+    A match (or a match still partial at the end of the text) can only start where the text
+    goes on with one of the pattern's possible prefixes: those are found by probing. A leading
+    one-character negative lookbehind is kept as a lookbehind on the first character. None when
+    the pattern looks back in ways a probe cannot see (then it runs on every delta).
+    """
+    guard = ""
+    body = pattern
+    leading = _LEADING_LOOKBEHIND.match(pattern)
+    if leading and not _looks_back(leading.group(2)):
+        flags = f"(?{leading.group(1)})" if leading.group(1) else ""
+        behind = regex.compile(f"{flags}(?<!{leading.group(2)})")
+        barred = [chr(code) for code in range(PROBED_BELOW) if behind.match(chr(code) + "x", 1) is None]
+        guard = f"(?<!{_char_class(barred)})" if barred else ""
+        body = flags + pattern[leading.end() :]
+    if _looks_back(body):
+        return _first_chars_source(regex.compile(pattern))
+    return f"{guard}(?:{_prefix_source(_probe_prefixes(regex.compile(body)), depth=0)})"
+
+
+def _looks_back(pattern: str) -> bool:
+    return any(_LOOKS_BACK.fullmatch(token) for token in _TOKEN.findall(pattern))
+
+
+def _probe_prefixes(pattern: regex.Pattern[str]) -> _Prefix:
+    root = _Prefix()
+    root.leaf = False
+    queue: list[tuple[str, _Prefix]] = [("", root)]
+    budget = PREFIX_NODES
+    while queue:
+        prefix, node = queue.pop(0)
+        alphabet = range(PROBED_BELOW) if not prefix else range(128)
+        for code in alphabet:
+            text = prefix + chr(code)
+            match = pattern.match(text, partial=True)
+            if match is None:
+                continue
+            if not match.partial and match.end() <= len(prefix):
+                node.children.clear()
+                node.leaf = True  # the prefix is a whole match already: any text may follow
+                break
+            node.children[text[-1]] = _Prefix()
+        if node is root and node.leaf:
+            break
+        for char, child in node.children.items():
+            if len(prefix) + 1 < PREFIX_DEPTH and budget > 0:
+                budget -= 1
+                child.leaf = False
+                queue.append((prefix + char, child))
+    return root
+
+
+def _prefix_source(node: _Prefix, *, depth: int) -> str:
+    """A stdlib regex for the prefixes below ``node``, any of which may also end at the end of the text."""
+    if node.leaf:
+        return ""
+    by_rest: dict[str, list[str]] = {}
+    for char, child in node.children.items():
+        by_rest.setdefault(_prefix_source(child, depth=depth + 1), []).append(char)
+    branches = [_char_class(chars) + rest for rest, chars in by_rest.items()]
+    if depth == 0:
+        return "|".join(branches) or "(?!)"  # no match starts below PROBED_BELOW
+    branches.append("[^\\x00-\\x7f]")  # not probed: may go on with a match
+    branches.append("\\Z")  # the text ends in a partial match
+    return "(?:" + "|".join(branches) + ")"
+
+
+def _first_chars_source(pattern: regex.Pattern[str]) -> str | None:
+    """The characters at which ``pattern`` could start, probed after no text, a letter and a space."""
     if _CONTEXTUAL.search(pattern.pattern):
         return None
     starts = []
     for code in range(PROBED_BELOW):
         char = chr(code)
-        # At the start of the text, after a word character, after a non-word character.
         for context in ("", "a", " "):
             match = pattern.match(context + char, len(context), partial=True)
             if match is not None and match.end() > match.start():
                 starts.append(char)
                 break
-    return "".join(starts)
+    return _char_class(starts) if starts else "(?!)"
 
 
-def _prefilter(searchers: Sequence[_Searcher]) -> re.Pattern[str] | None:
-    """A stdlib regex finding any character where one of ``searchers`` could start a match."""
-    if any(searcher.starts is None for searcher in searchers):
+def _char_class(chars: Sequence[str]) -> str:
+    """A stdlib character class of ``chars``: single characters, or ranges already written as regex."""
+    if len(chars) == 1 and len(chars[0]) == 1:
+        return re.escape(chars[0])
+    codes = sorted(ord(c) for c in chars if len(c) == 1)
+    parts = [c for c in chars if len(c) > 1]
+    while codes:
+        first = last = codes.pop(0)
+        while codes and codes[0] == last + 1:
+            last = codes.pop(0)
+        parts.append(re.escape(chr(first)) if first == last else f"{re.escape(chr(first))}-{re.escape(chr(last))}")
+    return "[" + "".join(parts) + "]"
+
+
+def _prefilter(sources: Sequence[str]) -> re.Pattern[str] | None:
+    """A stdlib regex finding any character where one of ``sources`` could start a match."""
+    found = [_prefilter_source(source) for source in sources]
+    if any(source is None for source in found):
         return None
-    chars = sorted(set("".join(searcher.starts or "" for searcher in searchers)))
-    return re.compile("[" + "".join(re.escape(c) for c in chars) + f"\\u{PROBED_BELOW:04x}-\\U0010ffff]")
+    # Characters above the probed ones may start a match of any pattern.
+    branches = [*dict.fromkeys(f"(?:{source})" for source in found), _UNPROBED]
+    return re.compile("|".join(branches))
 
 
 def _searcher(source: str, labels: tuple[str, ...]) -> _Searcher:
-    pattern = regex.compile(source)
-    return _Searcher(pattern, labels, _start_chars(pattern))
+    return _Searcher(regex.compile(source), labels)
 
 
 def _build_searchers(alternatives: Sequence[tuple[str, str]]) -> tuple[_Searcher, ...]:
@@ -189,7 +292,7 @@ class BannedPatterns:
         alternatives = [(p, f"pattern {p!r}") for p in patterns]
         alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases]
         self._searchers = _build_searchers(alternatives)
-        self._prefilter = _prefilter(self._searchers)
+        self._prefilter = _prefilter([source for source, _ in alternatives])
         self._timeout = timeout
 
     def checker(self) -> BannedPatternsChecker:
@@ -215,7 +318,8 @@ class BannedPatternsChecker:
         idle = self._scan == self._base + len(self._tail)  # no match can have started before it
         self._tail += text
         prefilter = self._prefilter
-        if idle and prefilter is not None and prefilter.search(text) is None:
+        # The prefilter sees the character before the text, for its lookbehinds.
+        if idle and prefilter is not None and prefilter.search(self._tail, len(self._tail) - len(text)) is None:
             # Not one character of it can start a match: keep it only as lookbehind context.
             self._scan += len(text)
             if len(self._tail) > 2 * LOOKBEHIND_CHARS:
