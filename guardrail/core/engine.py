@@ -122,6 +122,12 @@ class _ChannelGuard:
                 self.hits.extend((hit, rule) for hit in verdict.hits)
             if holds and verdict.safe < frontier and not final:
                 frontier = verdict.safe
+        if frontier == self.received and not self.hits and self.held_since is None:
+            # The common case: nothing held before, nothing to act on, all of it safe.
+            released, self.pending, self.released = self.pending, "", frontier
+            if released:
+                self.sent.append(released)
+            return released
         released = self._release(frontier, out)
         if released:
             self.sent.append(released)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 class Action(enum.StrEnum):
@@ -34,9 +34,8 @@ class Hit:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A checker's answer after a piece of text.
+class Verdict(NamedTuple):
+    """A checker's answer after a piece of text (a named tuple: one is built per rule per delta).
 
     ``safe``: the rule will never object to text before this offset, apart from the ``hits`` it
     reports (now or earlier). It never moves backwards. Text from ``safe`` on is held back from

@@ -315,16 +315,18 @@ class BannedPatternsChecker:
 
     def feed(self, text: str) -> Verdict:
         """Scan the channel's next piece of text."""
-        idle = self._scan == self._base + len(self._tail)  # no match can have started before it
-        self._tail += text
+        tail = self._tail
+        start = len(tail)
+        idle = self._scan == self._base + start  # no match can have started before the new text
+        self._tail = tail = tail + text
         prefilter = self._prefilter
         # The prefilter sees the character before the text, for its lookbehinds.
-        if idle and prefilter is not None and prefilter.search(self._tail, len(self._tail) - len(text)) is None:
+        if idle and prefilter is not None and prefilter.search(tail, start) is None:
             # Not one character of it can start a match: keep it only as lookbehind context.
             self._scan += len(text)
-            if len(self._tail) > 2 * LOOKBEHIND_CHARS:
-                self._base += len(self._tail) - LOOKBEHIND_CHARS
-                self._tail = self._tail[-LOOKBEHIND_CHARS:]
+            if len(tail) > 2 * LOOKBEHIND_CHARS:
+                self._base += len(tail) - LOOKBEHIND_CHARS
+                self._tail = tail[-LOOKBEHIND_CHARS:]
             return Verdict(self._scan)
         return self._scan_tail(final=False)
 
