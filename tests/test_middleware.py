@@ -239,6 +239,29 @@ async def test_a_stream_in_which_nothing_was_held_arrives_byte_for_byte() -> Non
     assert not app.log.cancelled
 
 
+async def test_a_send_that_fails_mid_stream_counts_the_client_as_gone_and_stops_the_app() -> None:
+    """Some servers report a client that left by raising OSError from ``send``: nothing more goes out."""
+    app = EndlessApp([CHAT.role(), CHAT.content("Hello")], CHAT.content(" again"))
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and len(sent) == 2:  # the start and one body went out
+            raise OSError("connection reset by peer")
+        sent.append(message)
+
+    registry = CollectorRegistry()
+    middleware = GuardrailMiddleware(
+        app, rules=RuleSet.from_rules([secrets_rule(Action.ABORT)]), metrics=GuardMetrics(registry)
+    )
+    with anyio.fail_after(5):
+        await middleware(http_scope(), Receiver(), send)  # returns quietly
+        await app.log.finished.wait()
+    assert app.log.cancelled
+    assert [m.get("body") for m in sent[1:]] == [CHAT.role()]
+    labels = {"dialect": "openai_chat", "outcome": "client_disconnected"}
+    assert registry.get_sample_value("guardrail_streams_total", labels) == 1.0
+
+
 async def test_when_no_rule_fires_the_same_text_and_other_events_arrive_in_order_even_if_text_was_held() -> None:
     bodies = [
         CHAT.role(),

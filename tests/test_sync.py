@@ -84,3 +84,28 @@ async def test_a_cancelled_waiter_passes_its_turn_on(cancel_when: str) -> None:
 async def test_the_request_clock_agrees_with_anyio() -> None:
     clock = RequestClock()
     assert abs(clock() - anyio.current_time()) < 0.05
+
+
+@pytest.mark.anyio
+async def test_the_lock_taken_in_two_steps_is_the_same_lock() -> None:
+    lock = SendLock()
+    assert lock.acquire_nowait()
+    assert not lock.acquire_nowait()  # held: the caller must wait its turn
+    got_it = anyio.Event()
+
+    async def wait_for_it() -> None:
+        await lock.acquire()
+        got_it.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(wait_for_it)
+            await settle()
+            assert not got_it.is_set()
+            lock.release()  # handed to the waiter, so still held
+            assert not lock.acquire_nowait()
+            await got_it.wait()
+    lock.release()
+    async with lock:
+        assert not lock.acquire_nowait()
+    assert lock.acquire_nowait()

@@ -138,7 +138,7 @@ class _GuardedResponse:
         self.replay: list[Message] = []
         self.client_gone = anyio.Event()
         self.armed = anyio.Event()  # set when a guard with deadlines appears
-        self.rearmed = anyio.Event()  # set when text re-arms a deadline the watcher waits for
+        self.rearmed: anyio.Event | None = None  # while the watcher waits for text to re-arm a deadline
         self.deadline_moved = anyio.Event()  # set when text moves the deadline before watching_until
         self.watching_until: float | None = None
         self.record: StreamRecord | None = None
@@ -210,18 +210,26 @@ class _GuardedResponse:
             # The stream has ended; the app is being cancelled. Nothing more goes out.
             await anyio.lowlevel.checkpoint()
             return
-        async with self.send_lock:
+        # Taken in two steps rather than with ``async with``: this runs for every delta, and
+        # nearly always nobody else is sending.
+        lock = self.send_lock
+        if not lock.acquire_nowait():
+            await lock.acquire()  # the deadline watcher is sending: wait for it
+        try:
             if self.closed or self.branch is not None:
                 return  # ended while this message waited for the lock
             message_type = message["type"]
-            if message_type == "http.response.start":
+            if message_type == "http.response.body":
+                if self.guard is not None:
+                    await self._body(message)
+                    return
+            elif message_type == "http.response.start":
                 if self.response_started:
                     return  # the guard answered in the app's place (a deadline passed first)
                 message = self._start(message)
-            elif message_type == "http.response.body" and self.guard is not None:
-                await self._body(message)
-                return
             await self.downstream(message)
+        finally:
+            lock.release()
 
     def _start(self, message: Message) -> Message:
         self.response_started = True
@@ -270,33 +278,51 @@ class _GuardedResponse:
         return uuid.uuid4().hex
 
     async def _body(self, message: Message) -> None:
-        """Guard one body message (called with the send lock held)."""
-        if self.branch is not None:
-            return  # a url fallback fired while this message waited for the lock: the app's part is over
+        """Guard one body message (called by ``send`` with the send lock held, the stream still open).
+
+        This runs once per delta, so the usual outcome, bytes for the client and nothing else to
+        act on, goes straight downstream; anything more goes through :meth:`_emit`.
+        """
         guard = self.guard
         assert guard is not None
         now = self.now()
         more_body = bool(message.get("more_body", False))
-        deltas = guard.deltas
-        outputs = guard.feed(message.get("body", b""), now)
-        self._wake_watcher(guard)
+        outputs = self._feed(guard, message.get("body", b""), now)
         if not more_body and not guard.ended:
             outputs += guard.close(now)
-        if guard.deltas > deltas:
-            self._count_deltas(guard.deltas - deltas, now)
-        await self._emit(outputs, more_body=more_body)
+        if len(outputs) == 1 and self.response_started:
+            only = outputs[0]
+            if type(only) is SendBytes and only.data:
+                # What nearly every delta comes to: bytes for the client, nothing else to act on.
+                try:
+                    await self.downstream({"type": "http.response.body", "body": only.data, "more_body": more_body})
+                except OSError:
+                    self._client_went_away()
+                    return
+                if not more_body:
+                    self.closed = True
+                return
+        if outputs or not more_body:  # (no outputs: the delta's text is held back, for now)
+            await self._emit(outputs, now, more_body=more_body)
 
-    def _count_deltas(self, count: int, started: float) -> None:
-        # Reported every DELTAS_PER_REPORT deltas (and when the stream ends), with that delta's
-        # check time as the histogram's sample: metrics stay a small part of the per-delta cost.
-        self.unreported_deltas += count
-        if self.unreported_deltas >= DELTAS_PER_REPORT:
-            self.metrics.delta(StreamGuard.dialect, self.now() - started, self.unreported_deltas)
-            self.unreported_deltas = 0
+    def _feed(self, guard: StreamGuard, data: bytes, now: float) -> list[Output]:
+        """Feed ``guard`` the next bytes of a body; keep the deadline watcher and the delta count in step."""
+        deltas = guard.deltas
+        outputs = guard.feed(data, now)
+        if self.watching_until is not None or self.rearmed is not None:
+            self._wake_watcher(guard)  # the watcher waits on a deadline that text may have moved
+        if guard.deltas != deltas:
+            # Reported every DELTAS_PER_REPORT deltas (and when the stream ends), with that delta's
+            # check time as the histogram's sample: metrics stay a small part of the per-delta cost.
+            self.unreported_deltas += guard.deltas - deltas
+            if self.unreported_deltas >= DELTAS_PER_REPORT:
+                self.metrics.delta(StreamGuard.dialect, self.now() - now, self.unreported_deltas)
+                self.unreported_deltas = 0
+        return outputs
 
-    async def _emit(self, outputs: list[Output], *, more_body: bool) -> None:
-        """Send what the guard produced; end the body and stop the app if it ended the stream."""
-        data, ended = self._digest(outputs)
+    async def _emit(self, outputs: list[Output], now: float, *, more_body: bool) -> None:
+        """Send what the guard produced at ``now``; end the body and stop the app if it ended the stream."""
+        data, ended = self._digest(outputs, now)
         if ended is not None and ended.fallback is not None and ended.fallback.url is not None:
             self.branch = ended  # the body stays open for the fallback's answer (see _branch)
             more_body = True
@@ -323,7 +349,7 @@ class _GuardedResponse:
                 # Stop the app at its next checkpoint: its generators close, upstream generation stops.
                 self.app_scope.cancel()
 
-    def _digest(self, outputs: list[Output]) -> tuple[bytes, Ended | None]:
+    def _digest(self, outputs: list[Output], now: float) -> tuple[bytes, Ended | None]:
         data = b""
         ended: Ended | None = None
         for output in outputs:
@@ -332,7 +358,7 @@ class _GuardedResponse:
             elif isinstance(output, Intervention):
                 self._intervened(output)
             elif isinstance(output, Released):
-                self.metrics.held(output.chars, self.now() - output.held_since)
+                self.metrics.held(output.chars, now - output.held_since)
             elif isinstance(output, Anomaly):
                 self.metrics.anomaly(output.kind)
                 logger.warning(
@@ -363,7 +389,8 @@ class _GuardedResponse:
             await self._sleep_until(deadline)
             async with self.send_lock:
                 if self.guard is guard and not self.closed:
-                    await self._emit(guard.expire(self.now()), more_body=True)
+                    now = self.now()
+                    await self._emit(guard.expire(now), now, more_body=True)
 
     async def _next_deadline(self, guard: StreamGuard) -> float | None:
         """The guard's next deadline, waiting while none is armed; None once none can be any more."""
@@ -372,8 +399,8 @@ class _GuardedResponse:
             if deadline is not None:
                 return deadline
             # A limit fired and disarmed itself (a logged timeout): wait for text to re-arm it.
-            self.rearmed = anyio.Event()
-            await self.rearmed.wait()
+            self.rearmed = rearmed = anyio.Event()
+            await rearmed.wait()
         return None
 
     async def _sleep_until(self, deadline: float) -> None:
@@ -388,13 +415,18 @@ class _GuardedResponse:
         self.watching_until = None
 
     def _wake_watcher(self, guard: StreamGuard) -> None:
-        if not guard.timed:
-            return
+        """Wake the deadline watcher if text armed a deadline it waits for, or brought its deadline forward.
+
+        Only asked while the watcher waits (``rearmed`` or ``watching_until`` is set): reading
+        the guard's deadline has a cost, and a watcher that is not waiting reads it itself when
+        it next looks. An untimed guard's watcher never waits at all.
+        """
         deadline = guard.deadline
         if deadline is None:
             return
-        if not self.rearmed.is_set():
+        if self.rearmed is not None:
             self.rearmed.set()
+            self.rearmed = None
         if self.watching_until is not None and deadline < self.watching_until:
             self.deadline_moved.set()
 
@@ -405,7 +437,8 @@ class _GuardedResponse:
             # The app returned without completing its body: finish it cleanly rather than let the
             # server cut the connection (which clients report as a network error).
             async with self.send_lock:
-                await self._emit(self.guard.close(self.now()), more_body=False)
+                now = self.now()
+                await self._emit(self.guard.close(now), now, more_body=False)
 
     async def _app_failed(self, exc: Exception) -> None:
         if self.closed or self.branch is not None:
@@ -421,8 +454,9 @@ class _GuardedResponse:
                 self._settle(Outcome.UPSTREAM_ERROR)
                 return
             assert self.guard is not None
-            outputs = self.guard.upstream_failed(f"{type(exc).__name__} while streaming", self.now())
-            await self._emit(outputs, more_body=False)
+            now = self.now()
+            outputs = self.guard.upstream_failed(f"{type(exc).__name__} while streaming", now)
+            await self._emit(outputs, now, more_body=False)
 
     async def _refused_prompt(self, prompt_tokens: int) -> bool:
         """Refuse a prompt over a ``max_prompt_tokens`` budget with a 400, before the app runs."""
@@ -493,7 +527,7 @@ class _GuardedResponse:
             )
             async with self.send_lock:
                 if not self.closed:
-                    await self._emit_branch(guard.abort(now))
+                    await self._emit_branch(guard.abort(now), now)
             return
         logger.info("rule %s: branching to fallback %r at %s", ended.rule, fallback.name, display_url(request.url))
         async with anyio.create_task_group() as tasks:
@@ -512,37 +546,32 @@ class _GuardedResponse:
                     async for chunk in chunks:
                         async with self.send_lock:
                             if not self.closed:
-                                await self._emit_branch(self._feed_branch(guard, chunk))
+                                now = self.now()
+                                await self._emit_branch(self._feed(guard, chunk, now), now)
                         if self.closed:
                             return  # ended (a second trip, a time limit) or the client left: stop the fallback
         except FallbackUnavailable as exc:
             logger.warning("%s; ending the stream as an abort", exc)
-            outputs = guard.abort(self.now())
+            now = self.now()
+            outputs = guard.abort(now)
         except httpx.TransportError as exc:
             logger.warning("the fallback upstream failed mid-stream: %s", type(exc).__name__)
-            outputs = guard.upstream_failed(f"{type(exc).__name__} in the fallback answer", self.now())
+            now = self.now()
+            outputs = guard.upstream_failed(f"{type(exc).__name__} in the fallback answer", now)
         else:
-            outputs = guard.close(self.now())
+            now = self.now()
+            outputs = guard.close(now)
         async with self.send_lock:
             if not self.closed:
-                await self._emit_branch(outputs)
+                await self._emit_branch(outputs, now)
 
-    def _feed_branch(self, guard: StreamGuard, chunk: bytes) -> list[Output]:
-        now = self.now()
-        deltas = guard.deltas
-        outputs = guard.feed(chunk, now)
-        self._wake_watcher(guard)
-        if guard.deltas > deltas:
-            self._count_deltas(guard.deltas - deltas, now)
-        return outputs
-
-    async def _emit_branch(self, outputs: list[Output]) -> None:
+    async def _emit_branch(self, outputs: list[Output], now: float) -> None:
         ended = next((output for output in outputs if isinstance(output, Ended)), None)
         if ended is not None and self.branch is not None:
             # A fallback answer that completes counts as what sent the stream there (a trip, a
             # timeout); one that ends otherwise, as what ended it.
             self._settle(self.branch.outcome if ended.outcome is Outcome.COMPLETED else ended.outcome)
-        await self._emit(outputs, more_body=ended is None)
+        await self._emit(outputs, now, more_body=ended is None)
 
     async def _end_branch_on_disconnect(self, scope: anyio.CancelScope) -> None:
         await self.client_gone.wait()
@@ -553,7 +582,8 @@ class _GuardedResponse:
             await self._sleep_until(deadline)
             async with self.send_lock:
                 if not self.closed:
-                    await self._emit_branch(guard.expire(self.now()))
+                    now = self.now()
+                    await self._emit_branch(guard.expire(now), now)
         if self.closed:
             scope.cancel()  # a time limit ended the stream: stop reading the fallback
 
