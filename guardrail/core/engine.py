@@ -272,10 +272,14 @@ class StreamGuard:
     @property
     def deadline(self) -> float | None:
         """When the shell should call :meth:`expire` next; None if no time-based rule is armed."""
-        if self._ended or not self._timers:
+        if self._ended:
             return None
-        dues = [due for _, timer in self._timers if (due := timer.deadline()) is not None]
-        return min(dues) if dues else None
+        earliest = None
+        for _, timer in self._timers:
+            due = timer.deadline()
+            if due is not None and (earliest is None or due < earliest):
+                earliest = due
+        return earliest
 
     def expire(self, now: float) -> list[Output]:
         """Let time-based rules look at the clock; end the stream if one of their limits has passed."""

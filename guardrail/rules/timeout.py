@@ -63,8 +63,11 @@ class IdleTimer:
 
     def deadline(self) -> float | None:
         """The earliest limit still armed."""
-        dues = [due for due in (self._first_due, self._idle_due, self._total_due) if due is not None]
-        return min(dues) if dues else None
+        earliest = self._first_due
+        for due in (self._idle_due, self._total_due):
+            if due is not None and (earliest is None or due < earliest):
+                earliest = due
+        return earliest
 
     def expired(self, now: float) -> str | None:
         """The code of the first limit passed by ``now``; it is disarmed so it fires once."""
