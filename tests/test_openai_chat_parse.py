@@ -1,0 +1,51 @@
+"""Parsing OpenAI chat chunks: the quick path for plain content deltas agrees with the general one."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, strategies as st
+
+from guardrail.core.openai_chat import Channel, EventKind, _chunk, parse
+from guardrail.core.sse import SSEEvent
+
+texts = st.sampled_from(["", " hello", "sk-", "\u2028", None, 7, ["x"]])
+deltas = st.fixed_dictionaries(
+    {},
+    optional={
+        "content": texts,
+        "role": st.sampled_from(["assistant", None]),
+        "refusal": texts,
+        "tool_calls": st.sampled_from([None, [], [{"index": 0, "function": {"arguments": "{}"}}]]),
+    },
+)
+choices = st.fixed_dictionaries(
+    {"delta": deltas | st.sampled_from([None, "text", {}])},
+    optional={
+        "index": st.sampled_from([0, 1, 7, 8, -1, True, "0", None]),
+        "finish_reason": st.sampled_from([None, "stop", "length"]),
+        "logprobs": st.none(),
+    },
+)
+
+
+def event_of(obj: dict[str, Any]) -> SSEEvent:
+    data = json.dumps(obj)
+    return SSEEvent(f"data: {data}\n\n".encode(), data)
+
+
+@given(choice=choices)
+def test_a_single_choice_parses_as_the_general_path_parses_it(choice: dict[str, Any]) -> None:
+    obj: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    obj["choices"] = [choice]
+    event = event_of(obj)
+    assert parse(event) == _chunk(event, obj, obj["choices"])
+
+
+def test_a_content_delta_is_one_piece_on_its_choices_content_channel() -> None:
+    obj = {"id": "c", "choices": [{"index": 2, "delta": {"content": " hi"}, "logprobs": None, "finish_reason": None}]}
+    parsed = parse(event_of(obj))
+    assert parsed.kind is EventKind.CHUNK
+    assert [(piece.channel, piece.text) for piece in parsed.pieces] == [(Channel(2, "content"), " hi")]
+    assert parsed.finished == ()
