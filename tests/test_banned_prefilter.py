@@ -15,7 +15,7 @@ import yaml
 from hypothesis import given, settings, strategies as st
 
 from guardrail.core.rule import Verdict
-from guardrail.rules.banned import BannedPatterns, BannedPatternsChecker, phrase_pattern
+from guardrail.rules.banned import PROBED_BELOW, BannedPatterns, BannedPatternsChecker, phrase_pattern
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,7 +124,8 @@ def test_the_prefilter_finds_every_position_where_a_match_can_start(text: str) -
         for pos in range(len(text)):
             match = pattern.match(text, pos, partial=True)
             if match is not None and (match.partial or match.end() > pos):
-                assert prefilter.match(text, pos), (source, text, pos, match)
+                # Characters from PROBED_BELOW on are searched whenever a delta holds one.
+                assert prefilter.match(text, pos) or ord(text[pos]) >= PROBED_BELOW, (source, text, pos, match)
 
 
 def test_the_prefilter_skips_ordinary_words() -> None:
@@ -153,3 +154,11 @@ def test_verdicts_are_the_same_with_and_without_the_prefilter(text: str, cuts: l
     filtered = rule.checker()
     unfiltered = BannedPatternsChecker(rule._searchers, None, rule._timeout)
     assert scan(filtered, pieces) == scan(unfiltered, pieces)
+
+
+def test_a_match_starting_above_the_probed_characters_is_found() -> None:
+    rule = BannedPatterns(patterns=["비밀번호", r"(?<!\w)Ωmega"], phrases=["東京 タワー"])
+    for text, start in (("제 비밀번호는", 2), ("say Ωmega", 4), ("東京 タワー", 0)):
+        checker = rule.checker()
+        verdicts = [checker.feed(text), checker.finish()]
+        assert [hit.start for verdict in verdicts for hit in verdict.hits] == [start], text

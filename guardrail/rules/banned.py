@@ -58,7 +58,7 @@ _LOOKS_BACK = regex.compile(r"\\[bBmMGA<>]|\^|\(\?<[=!]|\(\?[a-zA-Z0-9]+\)")
 _CONTEXTUAL = regex.compile(r"\(\?<=|\\B|\\G")
 _NUMBERED_BACKREFERENCE = regex.compile(r"\\[1-9]|\\g<\d+>")
 _WORD_CHAR = regex.compile(r"\w")
-_UNPROBED = f"[\\u{PROBED_BELOW:04x}-\\U0010ffff]"
+_UNPROBED = re.compile(f"[\\u{PROBED_BELOW:04x}-\\U0010ffff]")
 
 
 def compile_pattern(pattern: str) -> None:
@@ -130,26 +130,31 @@ class _Prefix:
 
 
 @functools.lru_cache(maxsize=1024)
-def _prefilter_source(pattern: str) -> str | None:
-    """A stdlib regex finding every character of a text where ``pattern`` could start a match.
+def _prefilter_branches(pattern: str) -> tuple[str, ...] | None:
+    """Stdlib regex branches finding every character of a text where ``pattern`` could start a match.
 
     A match (or a match still partial at the end of the text) can only start where the text
     goes on with one of the pattern's possible prefixes: those are found by probing. A leading
-    one-character negative lookbehind is kept as a lookbehind on the first character. None when
-    the pattern looks back in ways a probe cannot see (then it runs on every delta).
+    one-character negative lookbehind is kept, as a lookbehind after the first character. Every
+    branch starts with a literal character, which lets the stdlib engine skip to the candidates.
+    Characters from PROBED_BELOW on are left to the caller. None when the pattern looks back in
+    ways a probe cannot see, or can match at once (then it runs on every delta).
     """
-    guard = ""
+    behind = ""
     body = pattern
     leading = _LEADING_LOOKBEHIND.match(pattern)
     if leading and not _looks_back(leading.group(2)):
         flags = f"(?{leading.group(1)})" if leading.group(1) else ""
-        behind = regex.compile(f"{flags}(?<!{leading.group(2)})")
-        barred = [chr(code) for code in range(PROBED_BELOW) if behind.match(chr(code) + "x", 1) is None]
-        guard = f"(?<!{_char_class(barred)})" if barred else ""
+        lookbehind = regex.compile(f"{flags}(?<!{leading.group(2)})")
+        barred = [chr(code) for code in range(PROBED_BELOW) if lookbehind.match(chr(code) + "x", 1) is None]
+        behind = f"(?<!{_char_class(barred)}.)" if barred else ""
         body = flags + pattern[leading.end() :]
     if _looks_back(body):
-        return _first_chars_source(regex.compile(pattern))
-    return f"{guard}(?:{_prefix_source(_probe_prefixes(regex.compile(body)), depth=0)})"
+        return _first_chars(regex.compile(pattern))
+    root = _probe_prefixes(regex.compile(body))
+    if root.leaf:
+        return None
+    return tuple(re.escape(char) + behind + _prefix_source(child) for char, child in root.children.items())
 
 
 def _looks_back(pattern: str) -> bool:
@@ -184,22 +189,20 @@ def _probe_prefixes(pattern: regex.Pattern[str]) -> _Prefix:
     return root
 
 
-def _prefix_source(node: _Prefix, *, depth: int) -> str:
-    """A stdlib regex for the prefixes below ``node``, any of which may also end at the end of the text."""
+def _prefix_source(node: _Prefix) -> str:
+    """A stdlib regex for the rest of the prefixes below ``node``, which may also end with the text."""
     if node.leaf:
         return ""
     by_rest: dict[str, list[str]] = {}
     for char, child in node.children.items():
-        by_rest.setdefault(_prefix_source(child, depth=depth + 1), []).append(char)
+        by_rest.setdefault(_prefix_source(child), []).append(char)
     branches = [_char_class(chars) + rest for rest, chars in by_rest.items()]
-    if depth == 0:
-        return "|".join(branches) or "(?!)"  # no match starts below PROBED_BELOW
     branches.append("[^\\x00-\\x7f]")  # not probed: may go on with a match
     branches.append("\\Z")  # the text ends in a partial match
     return "(?:" + "|".join(branches) + ")"
 
 
-def _first_chars_source(pattern: regex.Pattern[str]) -> str | None:
+def _first_chars(pattern: regex.Pattern[str]) -> tuple[str, ...] | None:
     """The characters at which ``pattern`` could start, probed after no text, a letter and a space."""
     if _CONTEXTUAL.search(pattern.pattern):
         return None
@@ -211,7 +214,7 @@ def _first_chars_source(pattern: regex.Pattern[str]) -> str | None:
             if match is not None and match.end() > match.start():
                 starts.append(char)
                 break
-    return _char_class(starts) if starts else "(?!)"
+    return tuple(re.escape(char) for char in starts)
 
 
 def _char_class(chars: Sequence[str]) -> str:
@@ -230,12 +233,11 @@ def _char_class(chars: Sequence[str]) -> str:
 
 def _prefilter(sources: Sequence[str]) -> re.Pattern[str] | None:
     """A stdlib regex finding any character where one of ``sources`` could start a match."""
-    found = [_prefilter_source(source) for source in sources]
-    if any(source is None for source in found):
+    found = [_prefilter_branches(source) for source in sources]
+    if any(branches is None for branches in found):
         return None
-    # Characters above the probed ones may start a match of any pattern.
-    branches = [*dict.fromkeys(f"(?:{source})" for source in found), _UNPROBED]
-    return re.compile("|".join(branches))
+    branches = dict.fromkeys(branch for source in found for branch in source or ())
+    return re.compile("|".join(branches) or "(?!)", re.DOTALL)
 
 
 def _searcher(source: str, labels: tuple[str, ...]) -> _Searcher:
@@ -321,7 +323,12 @@ class BannedPatternsChecker:
         self._tail = tail = tail + text
         prefilter = self._prefilter
         # The prefilter sees the character before the text, for its lookbehinds.
-        if idle and prefilter is not None and prefilter.search(tail, start) is None:
+        if (
+            idle
+            and prefilter is not None
+            and prefilter.search(tail, start) is None
+            and (text.isascii() or _UNPROBED.search(text) is None)  # characters not probed may start one
+        ):
             # Not one character of it can start a match: keep it only as lookbehind context.
             self._scan += len(text)
             if len(tail) > 2 * LOOKBEHIND_CHARS:
