@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import accumulate, pairwise
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from guardrail.core.sse import MAX_EVENT_BYTES, SSEDecoder, SSEEvent, encode_comment, encode_event
 from guardrail.exceptions import SSEError
@@ -345,6 +346,164 @@ def test_long_line_fed_byte_by_byte_hits_the_cap() -> None:
     with pytest.raises(SSEError, match="event exceeds 100000 bytes"):
         for _ in range(200_000):
             decoder.feed(b"x")
+
+
+# One whole data block per chunk: the fast path
+
+
+class GeneralPathDecoder(SSEDecoder):
+    """The decoder with its one-block fast path turned off: every chunk goes the general way."""
+
+    def _read_data_event(self, chunk: bytes) -> SSEEvent | None:
+        return None
+
+
+def outcome(decoder: SSEDecoder, chunk: bytes | None) -> list[SSEEvent] | str:
+    """What ``decoder.feed(chunk)`` (``close()`` for None) returns, or the message of the SSEError it raises."""
+    try:
+        return decoder.close() if chunk is None else decoder.feed(chunk)
+    except SSEError as error:
+        return str(error)
+
+
+def state(decoder: SSEDecoder) -> dict[str, object]:
+    """All that the decoder keeps between calls, but the error it failed with (compared by message)."""
+    return {name: getattr(decoder, name) for name in SSEDecoder.__slots__ if name != "_failure"}
+
+
+def feed_each(
+    chunks: list[bytes], max_event_bytes: int = MAX_EVENT_BYTES
+) -> tuple[list[list[SSEEvent]], str | None, int]:
+    """Feed ``chunks`` to a decoder, then close it, checking every step against a GeneralPathDecoder.
+
+    Returns:
+        What each feed() and close() returned, the SSEError that stopped them if any, and ``discarded``.
+    """
+    decoder = SSEDecoder(max_event_bytes=max_event_bytes)
+    reference = GeneralPathDecoder(max_event_bytes=max_event_bytes)
+    results: list[list[SSEEvent]] = []
+    for chunk in [*chunks, None]:
+        result = outcome(decoder, chunk)
+        assert result == outcome(reference, chunk)
+        assert state(decoder) == state(reference)
+        if isinstance(result, str):
+            return results, result, decoder.discarded
+        results.append(result)
+    return results, None, decoder.discarded
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        pytest.param([b"data: a\n\n", b"data: b\n\n"], [["a"], ["b"]], id="one block per chunk"),
+        pytest.param([b"data: a\n\ndata: b\n\n"], [["a", "b"]], id="two blocks in one chunk"),
+        pytest.param(
+            [b"data:x\n\n", b"data:  x\n\n", b"data:\n\n", b"data: \n\n"], [["x"], [" x"], [""], [""]], id="spaces"
+        ),
+        pytest.param([b"data\n\n", b"data: x\n\n"], [[""], ["x"]], id="no colon"),
+        pytest.param([b"data: a\ndata: b\n\n"], [["a\nb"]], id="two data lines"),
+        pytest.param([b"data: a\n\n\n"], [["a", None]], id="then a stray blank line"),
+        pytest.param([b"data: a", b"\n\n", b"data: b\n\n"], [[], ["a"], ["b"]], id="block cut short"),
+        pytest.param([b"data: a\n\ndata: b", b"\n\n"], [["a"], ["b"]], id="chunk ends mid-block"),
+        pytest.param([b"data: a\n", b"data: b\n\n"], [[], ["a\nb"]], id="chunk completes a pending block"),
+        pytest.param(
+            [b"data: a\r\n\r", b"data: b\n\n", b"\ndata: c\n\n"], [["a"], ["b"], [None, "c"]], id="after a CR"
+        ),
+        pytest.param([b"data: a\r\n\r\n", b"data: b\n\n"], [["a"], ["b"]], id="CRLF"),
+        pytest.param([b"data: a\rb\n\n"], [["a"]], id="CR inside"),
+        pytest.param([BOM + b"data: a\n\n"], [["a"]], id="after a BOM"),
+    ],
+)
+def test_whole_blocks_decode_as_the_general_path_does(chunks: list[bytes], expected: list[list[str | None]]) -> None:
+    results, error, discarded = feed_each(chunks)
+    assert [[event.data for event in events] for events in results[:-1]] == expected
+    assert b"".join(event.raw for events in results for event in events) == b"".join(chunks).removeprefix(BOM)
+    assert error is None and discarded == 0
+
+
+def test_whole_block_after_other_fields_of_its_block() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b": note\nevent: e\nid: 7\nretry: 50\n") == []
+    assert decoder.feed(b"data: x\n\n") == [
+        SSEEvent(b": note\nevent: e\nid: 7\nretry: 50\ndata: x\n\n", "x", "e", "7", 50, (" note",))
+    ]
+    assert decoder.feed(b"data: y\n\n") == [SSEEvent(b"data: y\n\n", "y")]
+
+
+def test_whole_comment_and_field_blocks() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b": ping\n\n") == [SSEEvent(b": ping\n\n", None, comments=(" ping",))]
+    assert decoder.feed(b"event: e\n\n") == [SSEEvent(b"event: e\n\n", None, event="e")]
+    assert decoder.feed(b"data: x\n\n") == [SSEEvent(b"data: x\n\n", "x")]
+
+
+def test_whole_block_with_invalid_utf8_is_repaired_alone() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: \xff \xe2\x82\n\n") == [SSEEvent("data: \ufffd \ufffd\n\n".encode(), "\ufffd \ufffd")]
+    assert decoder.feed(b"data: \xe2\x82\xac\n\n") == [SSEEvent("data: \u20ac\n\n".encode(), "\u20ac")]
+
+
+def test_whole_block_over_the_cap_raises() -> None:
+    block = b"data: 12345\n\n"
+    assert SSEDecoder(max_event_bytes=len(block)).feed(block) == [SSEEvent(block, "12345")]
+    decoder = SSEDecoder(max_event_bytes=len(block) - 1)
+    with pytest.raises(SSEError, match=f"event exceeds {len(block) - 1} bytes"):
+        decoder.feed(block)
+    with pytest.raises(SSEError, match="already failed"):
+        decoder.feed(b"data: 1\n\n")
+
+
+# Streams made mostly of whole data blocks, with some of everything else, some of it malformed.
+text_pieces = st.sampled_from([b"x", b'{"a": 1}', b" ", b":", "\u00e9".encode(), "\U0001f44b".encode()])
+odd_pieces = st.sampled_from([b"\xff", b"\xe2\x82", b"\r", b"\n", b"\x00"])
+text_values = st.lists(text_pieces | st.text(max_size=2).map(str.encode), max_size=4).map(b"".join)
+field_values = text_values | st.lists(text_pieces | odd_pieces, max_size=4).map(b"".join)
+data_names = st.sampled_from([b"data: ", b"data: ", b"data:", b"data:  ", b"data"])
+field_names = data_names | st.sampled_from([b"event: ", b"id: ", b"retry: ", b": ", b"x: "])
+line_ends = st.sampled_from([b"\n", b"\n", b"\n", b"\r\n", b"\r"])
+lines = st.tuples(field_names, field_values, line_ends).map(b"".join)
+data_blocks = st.tuples(data_names, field_values, st.just(b"\n\n")).map(b"".join)
+other_blocks = st.tuples(st.lists(lines, max_size=3).map(b"".join), line_ends).map(b"".join)
+any_blocks = st.sampled_from([data_blocks, data_blocks, data_blocks, other_blocks, line_ends]).flatmap(
+    lambda kind: kind
+)
+stream_starts = st.sampled_from([b"", b"", BOM, BOM[:2]])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    start=stream_starts,
+    blocks=st.lists(any_blocks, max_size=10),
+    end=st.sampled_from([b"", b"data: cut"]),
+    max_event_bytes=st.sampled_from([MAX_EVENT_BYTES, MAX_EVENT_BYTES, 10, 20]),
+    data=st.data(),
+)
+def test_any_stream_decodes_as_the_general_path_does(
+    start: bytes, blocks: list[bytes], end: bytes, max_event_bytes: int, data: st.DataObject
+) -> None:
+    stream = start + b"".join(blocks) + end
+    # Cuts at block boundaries make chunks of exactly one block, which is what the fast path takes.
+    boundaries = [len(start) + offset for offset in accumulate(len(block) for block in blocks)]
+    cuts = {cut for cut in boundaries if data.draw(st.sampled_from([True, True, True, False]))}
+    cuts.update(data.draw(st.lists(st.integers(0, len(stream)), max_size=3)))
+    edges = [0, *sorted(cuts), len(stream)]
+    chunks = [stream[low:high] for low, high in pairwise(edges)]
+
+    results, error, discarded = feed_each(chunks, max_event_bytes)
+
+    # One byte per feed never looks like a whole block.
+    bytewise = SSEDecoder(max_event_bytes=max_event_bytes)
+    bytewise_results = [outcome(bytewise, stream[index : index + 1]) for index in range(len(stream))]
+    bytewise_results.append(outcome(bytewise, None))
+    bytewise_events = [event for result in bytewise_results if not isinstance(result, str) for event in result]
+    bytewise_error = next((result for result in bytewise_results if isinstance(result, str)), None)
+    events = [event for result in results for event in result]
+    assert error == bytewise_error
+    if error is None:
+        assert (events, discarded) == (bytewise_events, bytewise.discarded)
+    else:
+        # A chunk that fails loses the blocks it completed before the failing one.
+        assert events == bytewise_events[: len(events)]
 
 
 # Encoder

@@ -29,6 +29,7 @@ MAX_EVENT_BYTES: int = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _LF = 0x0A
 _CR = 0x0D
+_SPACE = 0x20
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
@@ -134,6 +135,10 @@ class SSEDecoder:
             chunk = self._strip_bom(chunk)
         if not chunk:
             return []
+        if not self._pending and not self._swallow_lf:
+            event = self._read_data_event(chunk)
+            if event is not None:
+                return [event]
         try:
             return self._read(chunk)
         except SSEError as error:
@@ -181,6 +186,27 @@ class SSEDecoder:
             return b""
         self._bom_prefix = None
         return start[len(_BOM) :] if start.startswith(_BOM) else start
+
+    def _read_data_event(self, chunk: bytes) -> SSEEvent | None:
+        """Read a chunk that is exactly one block of one ``data:`` line ended by LF LF, or return None.
+
+        That is how an OpenAI stream arrives, one delta per chunk, so :meth:`feed` is called this
+        way thousands of times per answer, and :meth:`_read` costs several times the event itself.
+        Called only between blocks (nothing pending, no CR waiting for its LF), where :meth:`_read`
+        would return the same event and leave the decoder as it found it. Anything else (other
+        fields, comments, CR, a second line or block, a block cut short, invalid UTF-8, a block over
+        ``max_event_bytes``) returns None before any change, and goes to :meth:`_read`.
+        """
+        if not chunk.startswith(b"data:") or not chunk.endswith(b"\n\n") or len(chunk) > self._max_event_bytes:
+            return None
+        value = chunk[6 if chunk[5] == _SPACE else 5 : -2]
+        if _LF in value or _CR in value:
+            return None
+        try:
+            data = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return SSEEvent(chunk, data, None, None, None, ())
 
     def _read(self, chunk: bytes) -> list[SSEEvent]:
         pieces = chunk.splitlines(True)
