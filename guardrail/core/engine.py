@@ -116,12 +116,13 @@ class _ChannelGuard:
         for rule, checker, holds in self.checkers:
             try:
                 verdict: Verdict = checker.finish() if final else checker.feed(text)
+                safe, hits = verdict
             except Exception as exc:
                 raise RuleError(rule.name, f"{type(exc).__name__}: {exc}") from exc
-            if verdict.hits:
-                self.hits.extend((hit, rule) for hit in verdict.hits)
-            if holds and verdict.safe < frontier and not final:
-                frontier = verdict.safe
+            if hits:
+                self.hits.extend((hit, rule) for hit in hits)
+            if holds and safe < frontier and not final:
+                frontier = safe
         if frontier == self.received and not self.hits and self.held_since is None:
             # The common case: nothing held before, nothing to act on, all of it safe.
             released, self.pending, self.released = self.pending, "", frontier
