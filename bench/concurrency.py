@@ -3,7 +3,9 @@
 A raw ASGI harness (no server, no sockets) runs ``--streams`` streams at once, each an app that
 sends ``--deltas`` OpenAI chunks at ``--pace`` deltas per second (stream starts spread over the
 first second). The downstream ``send`` of each stream records when each body arrives. The same
-run is made unguarded and through ``GuardrailMiddleware`` with ``rules/default.yaml``.
+run is made unguarded and through ``GuardrailMiddleware`` with ``rules/default.yaml``, on uvloop's
+event loop when it is installed (as uvicorn would run), and again with ``--fewer`` streams, to show
+how many one process keeps up with.
 
 For every delta:
 - latency: from the app's ``send`` call to the downstream ``send`` receiving its text. Unguarded
@@ -18,7 +20,7 @@ tracemalloc (which slows everything down, so not during the timed run): every st
 ``MEMORY_DELTAS`` deltas and waits; the traced memory then, over the streams, is the memory per
 open stream, guarded minus unguarded the guard's share.
 
-    python bench/concurrency.py [--streams 1000] [--deltas 150] [--pace 30]
+    python bench/concurrency.py [--streams 1000] [--deltas 150] [--pace 30] [--fewer 250 500]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import gc
 import random
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from common import (
@@ -131,6 +133,7 @@ class PacedRun:
     latency: list[float]  # seconds, every delta
     latency_unheld: list[float]  # seconds, deltas delivered by their own send
     lateness: list[float]  # seconds, every delta
+    lateness_unheld: list[float]  # seconds, deltas delivered by their own send
     held: int  # deltas delivered by a later send
 
 
@@ -138,6 +141,7 @@ def analyse(probes: Sequence[Probe], *, guarded: bool, wall: float, cpu: float) 
     latency: list[float] = []
     unheld: list[float] = []
     lateness: list[float] = []
+    lateness_unheld: list[float] = []
     held = 0
     for probe in probes:
         cumulative: list[int] = []
@@ -156,10 +160,24 @@ def analyse(probes: Sequence[Probe], *, guarded: bool, wall: float, cpu: float) 
                     held += 1
                 else:
                     unheld.append(latency[-1])
+                    lateness_unheld.append(lateness[-1])
                 pending += 1
         if pending != len(cumulative) or received != total:
             raise RuntimeError(f"a {'guarded' if guarded else 'bare'} stream lost text ({received} of {total} chars)")
-    return PacedRun(guarded, len(probes), len(latency), wall, cpu, latency, unheld, lateness, held)
+    return PacedRun(guarded, len(probes), len(latency), wall, cpu, latency, unheld, lateness, lateness_unheld, held)
+
+
+def event_loop() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's event loop when installed (uvicorn runs on it then), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def event_loop_name() -> str:
+    return "uvloop" if event_loop() is not asyncio.new_event_loop else "asyncio"
 
 
 def paced_run(streams: int, deltas: int, pace: float, *, guarded: bool) -> PacedRun:
@@ -169,7 +187,8 @@ def paced_run(streams: int, deltas: int, pace: float, *, guarded: bool) -> Paced
     wrapped = GuardrailMiddleware(app, rules=str(bench_rules())) if guarded else app
     gc.collect()
     cpu, wall = time.process_time(), time.perf_counter()
-    asyncio.run(drive(wrapped, probes, pace=pace))
+    with asyncio.Runner(loop_factory=event_loop()) as runner:
+        runner.run(drive(wrapped, probes, pace=pace))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return analyse(probes, guarded=guarded, wall=wall, cpu=cpu)
 
@@ -210,6 +229,7 @@ class Concurrency:
     guarded: PacedRun
     memory_bare: float  # bytes per stream
     memory_guarded: float
+    fewer: tuple[tuple[PacedRun, PacedRun], ...] = ()  # (unguarded, guarded) at fewer streams
 
     def added(self, fraction: float, attribute: str = "latency") -> float:
         """Guarded minus unguarded quantile of ``attribute``, in seconds."""
@@ -287,12 +307,58 @@ def table(result: Concurrency) -> str:
     return "\n\n".join((md_table(headers, rows), added, memory))
 
 
+def added_lateness(bare: PacedRun, guarded: PacedRun, fraction: float = 0.99) -> float:
+    """The guard's added lateness at ``fraction``, in seconds, over the deltas it did not hold back."""
+    return percentile(guarded.lateness_unheld, fraction) - percentile(bare.lateness, fraction)
+
+
+def fewer_table(result: Concurrency) -> str:
+    """The same load with fewer streams: where one process stops keeping up."""
+    rows = []
+    for bare, guarded in (*result.fewer, (result.bare, result.guarded)):
+        rows.append(
+            (
+                f"{guarded.streams:,}",
+                f"{guarded.deltas / guarded.wall:,.0f}",
+                f"{bare.cpu / bare.wall * 100:.0f}%",
+                f"{guarded.cpu / guarded.wall * 100:.0f}%",
+                f"{guarded.cpu / guarded.deltas * 1e6:.1f}",
+                _ms(percentile(bare.lateness, 0.99)),
+                _ms(percentile(guarded.lateness, 0.99)),
+                _ms(percentile(guarded.lateness_unheld, 0.99)),
+                _ms(added_lateness(bare, guarded, 0.5)),
+                _ms(added_lateness(bare, guarded)),
+            )
+        )
+    headers = (
+        "streams",
+        "deltas/s",
+        "unguarded CPU/wall",
+        "guarded CPU/wall",
+        "guarded CPU µs/delta",
+        "unguarded lateness p99 ms",
+        "guarded lateness p99 ms",
+        "guarded lateness p99 ms, deltas not held",
+        "added lateness p50 ms, deltas not held",
+        "added lateness p99 ms, deltas not held",
+    )
+    return md_table(headers, rows)
+
+
 def main(argv: Sequence[str] | None = None) -> Concurrency:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--streams", type=int, default=1_000)
     parser.add_argument("--deltas", type=int, default=150, help="deltas per stream")
     parser.add_argument("--pace", type=float, default=MODEL_PACE, help="deltas per second per stream")
+    parser.add_argument(
+        "--fewer", type=int, nargs="*", default=[250, 500], help="also run these stream counts (fewer_table)"
+    )
     args = parser.parse_args(argv)
+    fewer: list[tuple[PacedRun, PacedRun]] = []
+    for streams in args.fewer:
+        step(f"concurrency: {streams:,} unguarded and guarded streams × {args.deltas} deltas at {args.pace:g}/s")
+        bare = paced_run(streams, args.deltas, args.pace, guarded=False)
+        fewer.append((bare, paced_run(streams, args.deltas, args.pace, guarded=True)))
     results: dict[bool, PacedRun] = {}
     for guarded in (False, True):
         label = "guarded" if guarded else "unguarded"
@@ -303,9 +369,10 @@ def main(argv: Sequence[str] | None = None) -> Concurrency:
         step(f"concurrency: memory of {args.streams:,} open {'guarded' if guarded else 'unguarded'} streams")
         memory[guarded] = memory_per_stream(args.streams, guarded=guarded)
     result = Concurrency(
-        args.streams, args.deltas, args.pace, results[False], results[True], memory[False], memory[True]
+        args.streams, args.deltas, args.pace, results[False], results[True], memory[False], memory[True], tuple(fewer)
     )
     print(table(result))
+    print(fewer_table(result))
     return result
 
 

@@ -90,6 +90,16 @@ def goals(results: Everything) -> list[Goal]:
             None,
         )
     )
+    runs = (*c.fewer, (c.bare, c.guarded))
+    keeping_up = [guarded.streams for bare, guarded in runs if concurrency.added_lateness(bare, guarded) < 0.002]
+    tried = ", ".join(f"{guarded.streams:,}" for _, guarded in runs)
+    found.append(
+        Goal(
+            "(d) streams one process guards at model pace with p99 added lateness < 2 ms (deltas not held back)",
+            f"{max(keeping_up):,} (of {tried} tried)" if keeping_up else f"none of {tried}",
+            None,
+        )
+    )
     engine_10k = {r.deltas: r.engine for r in results.per_delta.lengths}.get(10_000)
     naive_10k = next((n.mean for n in results.naive.costs if n.deltas == 10_000), None)
     if engine_10k and naive_10k:
@@ -162,13 +172,18 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
         "the app's deltas delivered (held text arrives joined to a later event, hence fewer content events).",
         e2e.table(e),
         f"## (d) {c.streams:,} concurrent streams at model pace (`bench/concurrency.py`)",
-        f"One process, raw ASGI harness: {c.streams:,} streams × {c.deltas_per_stream} deltas at {c.pace:g} "
-        "deltas/s each (starts spread over the first second). *Latency*: from the app's `send` of a delta "
-        "to the downstream `send` receiving its text (held-back deltas wait for a later delta). *Lateness*: "
-        "from when the delta was due to its arrival, which adds the app's wait for the event loop. CPU is "
-        "`time.process_time()` over the run. Memory: tracemalloc, in a separate pass where every stream "
+        f"One process, raw ASGI harness on the {concurrency.event_loop_name()} event loop: {c.streams:,} "
+        f"streams × {c.deltas_per_stream} deltas at {c.pace:g} deltas/s each (starts spread over the first "
+        "second). *Latency*: from the app's `send` of a delta to the downstream `send` receiving its text "
+        "(held-back deltas wait for a later delta). *Lateness*: from when the delta was due to its arrival, "
+        "which adds the app's wait for the event loop. CPU is `time.process_time()` over the run. Memory: "
+        "tracemalloc, in a separate pass where every stream "
         f"has sent {concurrency.MEMORY_DELTAS} deltas and waits.",
         concurrency.table(c),
+        "The same load with fewer streams, to show where one process stops keeping up. *Added lateness*: "
+        "the guarded run's lateness over the deltas it did not hold back, minus the unguarded run's (a "
+        "held-back delta waits for the next one by design: see (e)).",
+        concurrency.fewer_table(c),
         "## (e) Hold-back (`bench/holdback.py`)",
         f"`StreamGuard` fed at model pace ({MODEL_PACE:g} deltas/s). Every character is followed from "
         "the delta that brought it to the `Send` that carried it out. *Ordinary*: no pattern of the rule "
