@@ -421,6 +421,20 @@ def test_whole_blocks_decode_as_the_general_path_does(chunks: list[bytes], expec
     assert error is None and discarded == 0
 
 
+def test_whole_openai_chunks_skip_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def general_path(decoder: SSEDecoder, chunk: bytes) -> list[SSEEvent]:
+        raise AssertionError(f"general path taken for {chunk!r}")
+
+    monkeypatch.setattr(SSEDecoder, "_read", general_path)
+    decoder = SSEDecoder()
+    for chunk in [
+        openai_chunk({"role": "assistant", "content": ""}),
+        openai_chunk({"content": "é 👋"}),
+        b"data: [DONE]\n\n",
+    ]:
+        assert decoder.feed(chunk) == [SSEEvent(chunk, chunk.removeprefix(b"data: ").removesuffix(b"\n\n").decode())]
+
+
 def test_whole_block_after_other_fields_of_its_block() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b": note\nevent: e\nid: 7\nretry: 50\n") == []
