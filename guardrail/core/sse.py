@@ -14,7 +14,7 @@ special care.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guardrail.exceptions import SSEError
 
@@ -33,9 +33,10 @@ _SPACE = 0x20
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
     """One block of an event stream: its lines up to and including the blank line that ends it.
+
+    A named tuple rather than a frozen dataclass: one is built per delta, at a third of the cost.
 
     Attributes:
         raw: the block's bytes as they should be forwarded. They are the bytes received, except
