@@ -34,7 +34,7 @@ guard's :attr:`StreamGuard.identity`: every chunk is re-rendered with the first 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from guardrail.core.openai_chat import (
     DIALECT,
@@ -87,9 +87,9 @@ class _ChannelGuard:
         # (rule, checker, holds): shadow-mode (log) rules never hold text back, so that they
         # change neither what the client sees nor when.
         self.checkers: tuple[tuple[BoundRule, Checker, bool], ...] = tuple(
-            (rule, rule.rule.checker(), rule.holdback and rule.action is not Action.LOG)
+            (rule, cast(Rule, rule.rule).checker(), rule.holdback and rule.action is not Action.LOG)
             for rule in rules
-            if isinstance(rule.rule, Rule)
+            if rule.checks_text
         )
         self.hits: list[tuple[Hit, BoundRule]] = []
         self.pending = ""  # text from offset `released` on, not yet sent
@@ -217,9 +217,9 @@ class StreamGuard:
         tokens_before: int = 0,
     ) -> None:
         self._rules = tuple(rules)
-        self._text_rules = tuple(rule for rule in self._rules if isinstance(rule.rule, Rule))
+        self._text_rules = tuple(rule for rule in self._rules if rule.checks_text)
         self._timers: list[tuple[BoundRule, Timer]] = [
-            (rule, rule.rule.timer(start)) for rule in self._rules if isinstance(rule.rule, TimedRule)
+            (rule, cast(TimedRule, rule.rule).timer(start)) for rule in self._rules if rule.watches_time
         ]
         self._decoder = SSEDecoder()
         self._renderer = ChatRenderer(identity)

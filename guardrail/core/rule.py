@@ -117,3 +117,10 @@ class BoundRule:
     replacement: str = "[redacted]"
     fallback: Fallback | None = None
     source: str = field(default="", compare=False)
+    checks_text: bool = field(init=False, repr=False, compare=False)  # ``rule`` is a Rule
+    watches_time: bool = field(init=False, repr=False, compare=False)  # ``rule`` is a TimedRule
+
+    def __post_init__(self) -> None:
+        # Asked once here rather than by every stream: a runtime protocol check costs microseconds.
+        object.__setattr__(self, "checks_text", isinstance(self.rule, Rule))
+        object.__setattr__(self, "watches_time", isinstance(self.rule, TimedRule))
