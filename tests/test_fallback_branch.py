@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ BACKUP_ANSWER = "I can't share keys, but here is how to create your own."
 TRIPPING_ANSWER = "The backup knows about Project Starlight too."
 CLIENT_KEY = "client-secret-token"
 TIMEOUT = 10.0
+STALL_BEFORE = 0.6
 
 FIRST = ChatChunks(id="chatcmpl-first", created=1730000000, model="primary")
 BACKUP = ChatChunks(id="chatcmpl-backup", created=1740000000, model="backup-model", compact=True)
@@ -192,7 +194,7 @@ class ModelServer:
 
     ``primary`` leaks a key, then streams " more" until the client leaves (``gone`` is set then);
     ``backup-model`` answers ``BACKUP_ANSWER``; ``backup-trips`` mentions the code name;
-    ``backup-broken`` answers 503.
+    ``backup-broken`` answers 503; ``backup-stalls`` waits ``STALL_BEFORE``, sends one delta and stalls.
     """
 
     requests: list[tuple[dict[str, str], dict[str, object]]] = field(default_factory=list)
@@ -215,6 +217,13 @@ class ModelServer:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         if model == "primary":
             await self._leak_until_gone(receive, send)
+            return
+        if model == "backup-stalls":
+            await anyio.sleep(STALL_BEFORE)  # past the first stream's idle deadline
+            for event in (BACKUP.role(), BACKUP.content(BACKUP_ANSWER[:12])):
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            while (await receive())["type"] != "http.disconnect":
+                pass  # stalled until the guard gives up on it
             return
         text = TRIPPING_ANSWER if model == "backup-trips" else BACKUP_ANSWER
         for event in BACKUP.stream([text[:12], text[12:30], text[30:]]):
@@ -424,3 +433,21 @@ def test_a_timeout_before_the_first_token_branches_too(backup: tuple[ModelServer
         assert stopped.wait(TIMEOUT), "the silent app was not stopped"
     assert (text, reasons) == (BACKUP_ANSWER, ["stop"])
     assert len(ids) == 1 and ids.pop().startswith("chatcmpl-guardrail-")
+
+
+def test_a_stalled_fallback_times_out_on_its_own_idle_limit(backup: tuple[ModelServer, str]) -> None:
+    # The first stream's deadline watcher wakes after the branch began (its idle limit passes):
+    # that must not stop the fallback's first text from bringing the fallback's deadline forward.
+    _, backup_url = backup
+    rules = [
+        *guard_rules(f"{backup_url}{CHAT_PATH}", model="backup-stalls").rules,
+        BoundRule("stalled", IdleTimeout(seconds=0.3, first_token_seconds=3.0), Action.ABORT),
+    ]
+    app = leaky_app(RuleSet.from_rules(rules, paths=["/v1/*"]), GeneratorLog())
+    with serve_in_thread(app) as base_url:
+        started = time.monotonic()
+        wire = raw_stream(base_url)
+        elapsed = time.monotonic() - started
+    assert b'"code":"idle_timeout"' in wire
+    # Idle limit: 0.3 s after the fallback's first text (at 0.6 s); the first-token limit is 3 s.
+    assert elapsed < 2.0

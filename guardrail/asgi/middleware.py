@@ -409,10 +409,11 @@ class _GuardedResponse:
         The first text replaces a first-token limit with an idle limit that may fall sooner.
         """
         self.watching_until = deadline
-        self.deadline_moved = anyio.Event()
+        self.deadline_moved = moved = anyio.Event()
         with anyio.move_on_after(deadline - self.now()):
-            await self.deadline_moved.wait()
-        self.watching_until = None
+            await moved.wait()
+        if self.deadline_moved is moved:  # not since taken over by a url fallback's watcher
+            self.watching_until = None
 
     def _wake_watcher(self, guard: StreamGuard) -> None:
         """Wake the deadline watcher if text armed a deadline it waits for, or brought its deadline forward.
