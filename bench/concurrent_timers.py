@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
 import time
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
+from common import REQUEST_BODY, chat_scope, openai_event
 from prometheus_client import CollectorRegistry
 
 from guardrail import GuardrailMiddleware
@@ -45,22 +44,14 @@ from guardrail.metrics import GuardMetrics
 from guardrail.rules.banned import BannedPatterns
 from guardrail.rules.timeout import IdleTimeout
 
-PATH = "/v1/chat/completions"
-REQUEST = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True}).encode()
 WORDS = "the quick brown fox jumps over the lazy dog while the model keeps writing an ordinary answer".split()
 TICK_SECONDS = 0.01
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    obj = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-ROLE = chunk({"role": "assistant", "content": ""})
-DELTAS = [chunk({"content": " " + word}) for word in WORDS]
-FINISH = chunk({}, "stop") + b"data: [DONE]\n\n"
+ROLE = openai_event({"role": "assistant", "content": ""})
+DELTAS = [openai_event({"content": " " + word}) for word in WORDS]
+FINISH = openai_event({}, "stop") + b"data: [DONE]\n\n"
 
 
 class Gate:
@@ -109,7 +100,7 @@ class Client:
     async def receive(self) -> Message:
         if not self.sent_body:
             self.sent_body = True
-            return {"type": "http.request", "body": REQUEST, "more_body": False}
+            return {"type": "http.request", "body": REQUEST_BODY, "more_body": False}
         await self.never.wait()
         return {"type": "http.disconnect"}
 
@@ -118,25 +109,8 @@ class Client:
             self.bytes_received += len(message.get("body", b""))
 
 
-def scope() -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("bench", 80),
-    }
-
-
 async def serve(app: ASGIApp, client: Client) -> None:
-    await app(scope(), client.receive, client.send)
+    await app(chat_scope(), client.receive, client.send)
 
 
 CONFIGS = ("unguarded", "guard, no timer", "guard + idle timer")
