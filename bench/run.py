@@ -176,8 +176,10 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
         f"streams × {c.deltas_per_stream} deltas at {c.pace:g} deltas/s each (starts spread over the first "
         "second). *Latency*: from the app's `send` of a delta to the downstream `send` receiving its text "
         "(held-back deltas wait for a later delta). *Lateness*: from when the delta was due to its arrival, "
-        "which adds the app's wait for the event loop. CPU is `time.process_time()` over the run. Memory: "
-        "tracemalloc, in a separate pass where every stream "
+        "which adds the app's wait for the event loop. CPU is `time.process_time()` over the run. Each run "
+        "starts with the process's objects frozen (`gc.freeze()`), as `guardrail serve` does once started, "
+        "so that a full collection does not walk the imports. Memory: tracemalloc, in a separate pass where "
+        "every stream "
         f"has sent {concurrency.MEMORY_DELTAS} deltas and waits.",
         concurrency.table(c),
         "The same load with fewer streams, to show where one process stops keeping up. *Added lateness*: "

@@ -7,6 +7,7 @@ serves :func:`guardrail.proxy.app.build_app` in a thread in front of a fake upst
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -298,3 +299,37 @@ def test_the_worker_factory_reads_its_settings_from_the_environment(monkeypatch:
     monkeypatch.delenv(ENV_RULES)
     with pytest.raises(ValueError, match=ENV_RULES):
         ServeSettings.from_env()
+
+
+def test_the_served_proxy_freezes_its_startup_objects_once_started() -> None:
+    """What startup leaves behind stays out of later collections, in ``guardrail serve`` only.
+
+    An app embedded elsewhere (``build_app`` as is) leaves the process's garbage collector alone.
+    """
+    frozen_when_started: dict[bool, int] = {}
+
+    async def start_and_stop(app: Any, freeze: bool) -> None:
+        messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        sent: list[str] = []
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message["type"])
+            if message["type"] == "lifespan.startup.complete":
+                frozen_when_started[freeze] = gc.get_freeze_count()
+
+        await app({"type": "lifespan"}, receive, send)
+        assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+    for freeze in (False, True):
+        settings = ServeSettings((str(DEFAULT_RULES),))
+        app = build_app(settings, registry=CollectorRegistry(), freeze_after_startup=freeze)
+        gc.unfreeze()
+        try:
+            anyio.run(start_and_stop, app, freeze)
+        finally:
+            gc.unfreeze()
+    assert frozen_when_started[False] == 0
+    assert frozen_when_started[True] > 10_000  # the modules, the app and its rules

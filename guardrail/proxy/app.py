@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import os
 from collections.abc import Mapping
@@ -107,13 +108,21 @@ class GuardingProxy:
     """
 
     def __init__(
-        self, settings: ServeSettings, guard: ReloadingGuard, model: ASGIApp, metrics: ASGIApp, *, owns_model: bool
+        self,
+        settings: ServeSettings,
+        guard: ReloadingGuard,
+        model: ASGIApp,
+        metrics: ASGIApp,
+        *,
+        owns_model: bool,
+        freeze_after_startup: bool = False,
     ) -> None:
         self.settings = settings
         self.guard = guard
         self.model = model
         self.metrics = metrics
         self._owns_model = owns_model
+        self._freeze_after_startup = freeze_after_startup
         origin = origin_of(settings.upstream) if settings.upstream else None
         # The upstream already receives the client's credentials: a url fallback there may too.
         self._credential_origins = (origin,) if origin else ()
@@ -144,6 +153,8 @@ class GuardingProxy:
         assert message["type"] == "lifespan.startup"
         async with anyio.create_task_group() as tasks:
             await tasks.start(self.guard.watch)
+            if self._freeze_after_startup:
+                _freeze_startup_objects()
             await send({"type": "lifespan.startup.complete"})
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
@@ -160,6 +171,7 @@ def build_app(
     registry: CollectorRegistry | None = None,
     model: ASGIApp | None = None,
     poll_seconds: float = DEFAULT_POLL_SECONDS,
+    freeze_after_startup: bool = False,
 ) -> GuardingProxy:
     """Build the guarding proxy.
 
@@ -170,6 +182,9 @@ def build_app(
         model: the app that answers instead of the upstream or demo model (tests, embedding);
             it is not closed at shutdown.
         poll_seconds: how often rule files are checked for changes.
+        freeze_after_startup: once the app has started, move every object the process holds
+            then out of the garbage collector's sight (``gc.freeze()``), for a process that
+            serves nothing else: see :func:`_freeze_startup_objects`.
 
     Returns:
         The ASGI app.
@@ -183,7 +198,20 @@ def build_app(
         model = UpstreamProxy(settings.upstream) if settings.upstream else DemoModel()
     metrics = GuardMetrics(registry)
     guard = ReloadingGuard(model, paths=settings.rules, metrics=metrics, rules=rules, poll_seconds=poll_seconds)
-    return GuardingProxy(settings, guard, model, metrics_app(registry), owns_model=owns_model)
+    return GuardingProxy(
+        settings, guard, model, metrics_app(registry), owns_model=owns_model, freeze_after_startup=freeze_after_startup
+    )
+
+
+def _freeze_startup_objects() -> None:
+    """Keep the objects of startup (modules, the app, the rules) out of every later collection.
+
+    They live as long as the process, but a full collection walks all of them each time, some
+    40,000 objects after the imports: a pause of 15-20 ms in which no stream moves. Frozen, a
+    full collection walks only what the streams themselves keep.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def create_app() -> GuardingProxy:
@@ -196,7 +224,7 @@ def create_app() -> GuardingProxy:
         ValueError: ``GUARDRAIL_RULES`` is unset, or the upstream is not an http(s) URL.
         ConfigError: a rule file is invalid.
     """
-    return build_app(ServeSettings.from_env())
+    return build_app(ServeSettings.from_env(), freeze_after_startup=True)
 
 
 def run(settings: ServeSettings, *, host: str, port: int, workers: int = 1, log_level: str = "info") -> None:
@@ -239,7 +267,7 @@ def run(settings: ServeSettings, *, host: str, port: int, workers: int = 1, log_
         config = uvicorn.Config("guardrail.proxy.app:create_app", factory=True, workers=workers, **options)
         _check_multiprocess_metrics(workers)  # after Config, which sets up logging
     else:
-        config = uvicorn.Config(build_app(settings, rules=rules), **options)
+        config = uvicorn.Config(build_app(settings, rules=rules, freeze_after_startup=True), **options)
     sock = config.bind_socket()
     # Listen before saying so: until uvicorn starts serving, the kernel queues connections
     # instead of refusing them.
