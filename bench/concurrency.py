@@ -1,11 +1,12 @@
 """1,000 concurrent streams at model pace in one process: the latency the guard adds, its CPU and memory.
 
 A raw ASGI harness (no server, no sockets) runs ``--streams`` streams at once, each an app that
-sends ``--deltas`` OpenAI chunks at ``--pace`` deltas per second (stream starts spread over the
-first second). The downstream ``send`` of each stream records when each body arrives. The same
-run is made unguarded and through ``GuardrailMiddleware`` with ``rules/default.yaml``, on uvloop's
-event loop when it is installed (as uvicorn would run), and again with ``--fewer`` streams, to show
-how many one process keeps up with.
+sends ``--deltas`` OpenAI chunks at ``--pace`` deltas per second. The requests arrive spread over
+the first second, each one delta's time before its first delta. The downstream ``send`` of each
+stream records when each body arrives. The same run is made unguarded and through
+``GuardrailMiddleware`` with ``rules/default.yaml``, on uvloop's event loop when it is installed
+(as uvicorn would run), and again with ``--fewer`` streams, to show how many one process keeps
+up with.
 
 For every delta:
 - latency: from the app's ``send`` call to the downstream ``send`` receiving its text. Unguarded
@@ -25,7 +26,7 @@ tracemalloc (which slows everything down, so not during the timed run): every st
 ``MEMORY_DELTAS`` deltas and waits; the traced memory then, over the streams, is the memory per
 open stream, guarded minus unguarded the guard's share.
 
-    python bench/concurrency.py [--streams 1000] [--deltas 150] [--pace 30] [--fewer 250 500]
+    python bench/concurrency.py [--streams 1000] [--deltas 150] [--pace 30] [--fewer 100 250 500]
 """
 
 from __future__ import annotations
@@ -111,12 +112,15 @@ def make_probes(streams: int, deltas: int) -> list[Probe]:
 async def drive(app: ASGIApp, probes: Sequence[Probe], *, pace: float | None) -> None:
     rng = random.Random(1)
     start = time.perf_counter() + 0.05
+    arrivals: dict[int, float] = {}  # when each request arrives, one delta's time before its first delta
     if pace:
-        for probe in probes:
-            begin = start + rng.uniform(0, STAGGER_SECONDS)
-            probe.scheduled = [begin + (index + 1) / pace for index in range(len(probe.chunks))]
+        for index, probe in enumerate(probes):
+            arrivals[index] = begin = start + rng.uniform(0, STAGGER_SECONDS)
+            probe.scheduled = [begin + (delta + 1) / pace for delta in range(len(probe.chunks))]
 
     async def one(index: int, probe: Probe) -> None:
+        if index in arrivals:
+            await asyncio.sleep(max(0.0, arrivals[index] - time.perf_counter()))
         scope = chat_scope()
         scope["bench.stream"] = index
         receiver = Receiver()
@@ -369,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> Concurrency:
     parser.add_argument("--deltas", type=int, default=150, help="deltas per stream")
     parser.add_argument("--pace", type=float, default=MODEL_PACE, help="deltas per second per stream")
     parser.add_argument(
-        "--fewer", type=int, nargs="*", default=[250, 500], help="also run these stream counts (fewer_table)"
+        "--fewer", type=int, nargs="*", default=[100, 250, 500], help="also run these stream counts (fewer_table)"
     )
     args = parser.parse_args(argv)
     warm_up()

@@ -173,8 +173,8 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
         e2e.table(e),
         f"## (d) {c.streams:,} concurrent streams at model pace (`bench/concurrency.py`)",
         f"One process, raw ASGI harness on the {concurrency.event_loop_name()} event loop: {c.streams:,} "
-        f"streams × {c.deltas_per_stream} deltas at {c.pace:g} deltas/s each (starts spread over the first "
-        "second). *Latency*: from the app's `send` of a delta to the downstream `send` receiving its text "
+        f"streams × {c.deltas_per_stream} deltas at {c.pace:g} deltas/s each (requests arrive spread over "
+        "the first second). *Latency*: from the app's `send` of a delta to the downstream `send` receiving its text "
         "(held-back deltas wait for a later delta). *Lateness*: from when the delta was due to its arrival, "
         "which adds the app's wait for the event loop. CPU is `time.process_time()` over the run. Each run "
         "starts with the process's objects frozen (`gc.freeze()`), as `guardrail serve` does once started, "
