@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import openai
@@ -473,3 +473,31 @@ async def stream_with_sdk(base_url: str) -> Received:
         except openai.APIError as exc:
             received.error, received.error_at = exc, time.monotonic()
     return received
+
+
+class SDKChat(NamedTuple):
+    """What the official (sync) SDK made of one streamed chat completion."""
+
+    text: str  # choice content, joined
+    finish_reasons: list[str]
+    ids: set[str]  # the chunks' ids
+
+
+def sdk_chat(
+    base_url: str,
+    prompt: str = "Hello?",
+    *,
+    model: str = "m",
+    api_key: str = "test",
+    timeout: float = SDK_TIMEOUT_SECONDS,
+    **options: Any,
+) -> SDKChat:
+    """Stream one chat completion to the end with the official sync SDK (an error it raises propagates)."""
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=timeout) as client:
+        with client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], stream=True, **options
+        ) as stream:
+            chunks = list(stream)
+    text = "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices)
+    reasons = [str(c.finish_reason) for chunk in chunks for c in chunk.choices if c.finish_reason is not None]
+    return SDKChat(text, reasons, {chunk.id for chunk in chunks})

@@ -1,13 +1,16 @@
-"""Run an ASGI app under a real uvicorn server, in a background thread, for end-to-end tests."""
+"""Real servers for end-to-end tests: an ASGI app under uvicorn in a thread, and the ``guardrail`` command."""
 
 from __future__ import annotations
 
+import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -17,6 +20,8 @@ STARTUP_TIMEOUT_SECONDS = 10.0
 # uvicorn waits this long for open responses at shutdown before cancelling their tasks, so a
 # test that leaves a stream open cannot hang the suite.
 GRACEFUL_SHUTDOWN_SECONDS = 5.0
+# A subprocess imports everything first; a loaded machine makes that slow.
+SUBPROCESS_STARTUP_SECONDS = 60.0
 
 
 @contextmanager
@@ -61,3 +66,36 @@ def serve_in_thread(app: ASGIApp, **config: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join()
         sock.close()
+
+
+def guardrail_command() -> list[str]:
+    script = Path(sys.executable).with_name("guardrail")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from guardrail.cli import main; main()"]
+
+
+class ServerLog:
+    """The lines a subprocess writes to one of its pipes, collected by a thread."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str]) -> re.Match[str]:
+        with self._changed:
+            found = self._changed.wait_for(lambda: self._search(pattern), timeout=SUBPROCESS_STARTUP_SECONDS)
+        assert found, "not in the output:\n" + "".join(self.lines)
+        return found
+
+    def _search(self, pattern: re.Pattern[str]) -> re.Match[str] | None:
+        return next((match for line in self.lines if (match := pattern.search(line))), None)
+
+    def join(self) -> None:
+        self._thread.join(timeout=SUBPROCESS_STARTUP_SECONDS)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import anyio
 import httpx
-import openai
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -35,7 +34,17 @@ from guardrail.metrics import GuardMetrics
 from guardrail.proxy.app import ServeSettings, build_app
 from guardrail.rules.banned import BannedPatterns
 from guardrail.rules.timeout import IdleTimeout
-from tests.apps import CHAT_PATH, ChatChunks, Receiver, Recorder, SteppedApp, http_scope, read_body, split_events
+from tests.apps import (
+    CHAT_PATH,
+    ChatChunks,
+    Receiver,
+    Recorder,
+    SteppedApp,
+    http_scope,
+    read_body,
+    sdk_chat,
+    split_events,
+)
 from tests.servers import serve_in_thread
 
 KEY_PATTERN = r"(?<![A-Za-z0-9])sk-[A-Za-z0-9]{20,}"
@@ -283,14 +292,7 @@ def backup() -> Iterator[tuple[ModelServer, str]]:
 
 
 def sdk_stream(base_url: str) -> tuple[str, list[str], set[str]]:
-    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=TIMEOUT) as client:
-        with client.chat.completions.create(
-            model="primary", messages=[{"role": "user", "content": "my key?"}], stream=True
-        ) as stream:
-            chunks = list(stream)
-    text = "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices)
-    reasons = [str(c.finish_reason) for chunk in chunks for c in chunk.choices if c.finish_reason is not None]
-    return text, reasons, {chunk.id for chunk in chunks}
+    return sdk_chat(base_url, "my key?", model="primary", api_key=CLIENT_KEY, timeout=TIMEOUT)
 
 
 def raw_stream(base_url: str) -> bytes:

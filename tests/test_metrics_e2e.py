@@ -1,9 +1,11 @@
-"""Metrics as an operator sees them: scraped over a real socket, with bounded series."""
+"""Metrics as an operator sees them: every metric the README lists, scraped over a real socket
+after real streams, and series that stay bounded."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
@@ -12,33 +14,57 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
 from guardrail import Action, BannedPatterns, BoundRule, GuardrailMiddleware, RuleSet
+from guardrail.asgi.record import StreamRecord
 from guardrail.metrics import GuardMetrics, metrics_app
-from tests.apps import CHAT_PATH, ChatChunks, Receiver, Recorder, http_scope, replay_app
+from tests.apps import CHAT_PATH, ChatChunks, Receiver, Recorder, http_scope, joined_content, replay_app, split_events
 from tests.servers import serve_in_thread
 
-KEY = "sk-" + "Z" * 30
+DOCUMENTED_METRICS = (
+    "guardrail_streams_total",
+    "guardrail_interventions_total",
+    "guardrail_deltas_total",
+    "guardrail_tokens_total",
+    "guardrail_active_streams",
+    "guardrail_check_seconds",
+    "guardrail_holdback_seconds",
+    "guardrail_time_to_first_token_seconds",
+    "guardrail_stream_duration_seconds",
+    "guardrail_leaked_chars_total",
+)
+
+KEY = "sk-" + "Q7w8E9r0T1y2U3i4O5p6A7s8"
+# 40 deltas; several end in a possible match start ("s", "project") and are held for one delta.
+CLEAN = [f"Word {n} is s" if n % 5 == 0 else f"word {n} is plain " for n in range(40)]
 ANSWERS = {
-    "abort": ["Here is a secret: ", "the project ", "starlight plan."],
-    "redact": ["Your key is ", KEY[:10], KEY[10:], " keep it safe."],
-    "clean": ["Nothing to ", "see here, ", "just ordinary text."],
+    "clean": CLEAN,
+    "redact": ["Your key: ", KEY[:9], KEY[9:], " keep it."],
+    # The match is decided on the last delta, which brings it whole: every delta sent is checked.
+    "abort": ["Some text, ", "more text, ", "and then the project starlight plan, told in full."],
+    # A rule without hold-back releases "open " before "sesame" arrives: 5 characters leak.
+    "leak": ["Say open ", "sesame and then more."],
 }
+SENT_DELTAS = sum(len(deltas) for deltas in ANSWERS.values())
 
 
 def rules() -> RuleSet:
     return RuleSet.from_rules(
         [
-            BoundRule("codenames", BannedPatterns(phrases=["project starlight"]), Action.ABORT),
             BoundRule("keys", BannedPatterns(patterns=[r"sk-[A-Za-z0-9]{20,}"]), Action.REDACT),
+            BoundRule("codenames", BannedPatterns(phrases=["project starlight"]), Action.ABORT),
+            BoundRule("late", BannedPatterns(phrases=["open sesame"]), Action.ABORT, holdback=False),
         ],
         paths=[CHAT_PATH],
     )
 
 
-def scrape(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{base_url}/metrics/", timeout=10).text
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(base_url: str) -> Samples:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -46,11 +72,16 @@ def scrape(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
     }
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
 
 
-def test_a_scrape_over_a_socket_shows_what_the_guard_did() -> None:
+def test_every_documented_metric_is_exported_and_moves_with_real_streams() -> None:
     registry = CollectorRegistry()
     chunks = ChatChunks()
 
@@ -59,38 +90,81 @@ def test_a_scrape_over_a_socket_shows_what_the_guard_did() -> None:
 
         async def body() -> AsyncIterator[bytes]:
             for part in chunks.stream(ANSWERS[kind]):
+                await anyio.sleep(0.001)
                 yield part
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
     app = Starlette(
-        routes=[Route(CHAT_PATH, completions, methods=["POST"]), Mount("/metrics", metrics_app(registry))],
+        routes=[Route(CHAT_PATH, completions, methods=["POST"]), Route("/metrics", metrics_app(registry))],
         middleware=[Middleware(GuardrailMiddleware, rules=rules(), metrics=GuardMetrics(registry))],
     )
-    sent_deltas = 0
+    request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "Tell me everything."}]}
+    received: dict[str, str] = {}
     with serve_in_thread(app) as base_url:
         before = scrape(base_url)
         with httpx.Client(base_url=base_url, timeout=10) as client:
-            for kind in ("abort", "redact", "clean", "clean"):
-                client.post(CHAT_PATH, json={"kind": kind, "stream": True}).raise_for_status()
-                sent_deltas += len(ANSWERS[kind])
+            for kind in ANSWERS:
+                response = client.post(CHAT_PATH, json={**request, "kind": kind})
+                response.raise_for_status()
+                received[kind] = joined_content(split_events(response.content))
         after = scrape(base_url)
 
-    def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+    assert received == {
+        "clean": "".join(CLEAN),
+        "redact": "Your key: [redacted] keep it.",
+        "abort": "Some text, more text, and then the ",
+        "leak": "Say open ",
+    }
+    exported = {name for name, _ in after}
+    for name in DOCUMENTED_METRICS:
+        assert any(sample == name or sample.startswith(name + "_") for sample in exported), name
 
-    assert delta("guardrail_interventions_total", rule="codenames", action="abort") == 1
-    assert delta("guardrail_interventions_total", rule="keys", action="redact") == 1
-    streams = sum(v for (name, _), v in after.items() if name == "guardrail_streams_total")
-    streams -= sum(v for (name, _), v in before.items() if name == "guardrail_streams_total")
-    assert streams == 4
-    assert delta("guardrail_streams_total", dialect="openai_chat", outcome="aborted") == 1
-    assert delta("guardrail_streams_total", dialect="openai_chat", outcome="completed") == 3
-    assert value(after, "guardrail_active_streams") == 0
-    assert delta("guardrail_leaked_chars_total", rule="codenames") == 0
-    assert delta("guardrail_leaked_chars_total", rule="keys") == 0
-    # The aborted stream stops at the trip, so it may have been checked on fewer deltas than sent.
-    assert delta("guardrail_deltas_total", dialect="openai_chat") >= sent_deltas - len(ANSWERS["abort"]) + 2
+    def grew(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert grew("guardrail_streams_total") == len(ANSWERS)
+    assert grew("guardrail_streams_total", outcome="completed") == 2
+    assert grew("guardrail_streams_total", outcome="aborted") == 2
+    assert grew("guardrail_interventions_total", rule="keys", action="redact") == 1
+    assert grew("guardrail_interventions_total", rule="codenames", action="abort") == 1
+    assert grew("guardrail_interventions_total", rule="late", action="abort") == 1
+    assert total(after, "guardrail_active_streams") == 0
+    assert grew("guardrail_leaked_chars_total", rule="keys") == 0
+    assert grew("guardrail_leaked_chars_total", rule="codenames") == 0
+    assert grew("guardrail_leaked_chars_total", rule="late") == len("open ")
+    assert grew("guardrail_tokens_total", kind="prompt") > 0
+    assert grew("guardrail_tokens_total", kind="completion") > 0
+    # A 40-delta stream is sampled at least twice (one delta in 16).
+    assert grew("guardrail_check_seconds_count") >= 2
+    # Text was held (and released) in the clean and redact streams.
+    assert grew("guardrail_holdback_seconds_count") >= 1
+    assert grew("guardrail_time_to_first_token_seconds_count") == len(ANSWERS)
+    assert grew("guardrail_stream_duration_seconds_count") == len(ANSWERS)
+    # Every delta the rules checked is counted, the ones that tripped a rule too.
+    assert grew("guardrail_deltas_total", dialect="openai_chat") == SENT_DELTAS
+
+
+@pytest.mark.anyio
+async def test_the_delta_that_trips_an_abort_is_counted_like_every_delta_the_guard_checked() -> None:
+    registry = CollectorRegistry()
+    records: list[StreamRecord] = []
+    deltas = ANSWERS["abort"]
+    app = replay_app(
+        [
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]},
+            *({"type": "http.response.body", "body": part, "more_body": True} for part in ChatChunks().stream(deltas)),
+            {"type": "http.response.body", "body": b"", "more_body": False},
+        ]
+    )
+    guarded = GuardrailMiddleware(app, rules=rules(), metrics=GuardMetrics(registry), on_record=records.append)
+    recorder = Recorder()
+    await guarded(http_scope(), Receiver(), recorder)
+    assert recorder.content == "Some text, more text, and then the "
+    (record,) = records
+    # The app sent three deltas and the rules checked all three: the third one tripped the rule.
+    assert record.deltas == len(deltas)
+    assert registry.get_sample_value("guardrail_deltas_total", {"dialect": "openai_chat"}) == len(deltas)
 
 
 def series(registry: CollectorRegistry) -> int:

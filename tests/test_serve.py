@@ -13,11 +13,9 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 import httpx
@@ -31,47 +29,13 @@ from guardrail.cli import main
 from guardrail.proxy.app import ENV_RULES, ENV_UPSTREAM, ServeSettings, build_app, create_app
 from guardrail.proxy.demo import CODE_NAME, FAKE_API_KEY, answer_for, split_tokens
 from guardrail.proxy.upstream import UpstreamProxy
-from tests.apps import CHAT_PATH, ChatChunks, read_body
-from tests.servers import serve_in_thread
+from tests.apps import CHAT_PATH, ChatChunks, read_body, sdk_chat
+from tests.servers import ServerLog, guardrail_command, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES = ROOT / "rules" / "default.yaml"
-STARTUP_SECONDS = 30.0
 TIMEOUT = 20.0
 LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
-
-
-def guardrail_command() -> list[str]:
-    script = Path(sys.executable).with_name("guardrail")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from guardrail.cli import main; main()"]
-
-
-class ServerLog:
-    """The lines a subprocess writes to stderr, collected by a thread."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, pattern: re.Pattern[str]) -> re.Match[str]:
-        with self._changed:
-            found = self._changed.wait_for(lambda: self._search(pattern), timeout=STARTUP_SECONDS)
-        assert found, "not in the server's log:\n" + "".join(self.lines)
-        return found
-
-    def _search(self, pattern: re.Pattern[str]) -> re.Match[str] | None:
-        return next((match for line in self.lines if (match := pattern.search(line))), None)
-
-    def join(self) -> None:
-        self._thread.join(timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +68,7 @@ def demo_server() -> Iterator[tuple[str, ServerLog]]:
 
 
 def demo_stream(base_url: str, prompt: str, **options: Any) -> tuple[str, list[str]]:
-    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="no-key", max_retries=0, timeout=TIMEOUT) as client:
-        with client.chat.completions.create(
-            model="guardrail-demo", messages=[{"role": "user", "content": prompt}], stream=True, **options
-        ) as stream:
-            chunks = list(stream)
-    text = "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices)
-    reasons = [str(c.finish_reason) for chunk in chunks for c in chunk.choices if c.finish_reason is not None]
+    text, reasons, _ = sdk_chat(base_url, prompt, model="guardrail-demo", api_key="no-key", timeout=TIMEOUT, **options)
     return text, reasons
 
 

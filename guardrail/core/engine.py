@@ -430,8 +430,8 @@ class StreamGuard:
             for number, piece in enumerate(parsed.pieces):
                 channel = self._channel(piece.channel)
                 final = piece.channel.choice in finishing
+                self.deltas += 1  # checked by every rule, even if it trips one
                 released = channel.feed(piece.text, final=final, out=out, now=now)
-                self.deltas += 1
                 for _, timer in self._timers:
                     timer.content(now)
                 texts[number] = released
