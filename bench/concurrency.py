@@ -60,6 +60,8 @@ from guardrail._types import Message, Receive, Scope, Send
 STAGGER_SECONDS = 1.0  # stream starts are spread over this long, as real traffic would be
 MEMORY_DELTAS = 10  # deltas each stream has sent when memory is measured
 TEXT_VARIANTS = 10  # distinct answers among the streams
+FEWER_ROUNDS = 3  # rounds at each of the fewer stream counts
+SATURATED = 0.9  # CPU time over wall time at which one process no longer keeps up
 
 
 @dataclass(slots=True)
@@ -367,6 +369,27 @@ def fewer_table(result: Concurrency) -> str:
     return md_table(headers, rows)
 
 
+def fewer_streams(streams: int, deltas: int, pace: float, rounds: int) -> tuple[PacedRun, PacedRun]:
+    """The unguarded and the guarded run at ``streams`` streams, each the best of ``rounds``.
+
+    Best by p99 lateness (of the deltas not held back, guarded): other work on a shared machine
+    only ever adds lateness, and one stall of the machine decides a p99 of a few thousand deltas.
+    Once the guarded run saturates the process, further rounds cannot change that: one is run.
+    """
+    bare: list[PacedRun] = []
+    guarded: list[PacedRun] = []
+    for number in range(rounds):
+        step(f"concurrency: {streams:,} unguarded and guarded streams × {deltas} deltas at {pace:g}/s, #{number + 1}")
+        bare.append(paced_run(streams, deltas, pace, guarded=False))
+        guarded.append(paced_run(streams, deltas, pace, guarded=True))
+        if guarded[-1].cpu >= SATURATED * guarded[-1].wall:
+            break
+    return (
+        min(bare, key=lambda run: percentile(run.lateness, 0.99)),
+        min(guarded, key=lambda run: percentile(run.lateness_unheld, 0.99)),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> Concurrency:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--streams", type=int, default=1_000)
@@ -375,13 +398,12 @@ def main(argv: Sequence[str] | None = None) -> Concurrency:
     parser.add_argument(
         "--fewer", type=int, nargs="*", default=[100, 250, 500], help="also run these stream counts (fewer_table)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=FEWER_ROUNDS, help="rounds at each of the fewer stream counts (best of them)"
+    )
     args = parser.parse_args(argv)
     warm_up()
-    fewer: list[tuple[PacedRun, PacedRun]] = []
-    for streams in args.fewer:
-        step(f"concurrency: {streams:,} unguarded and guarded streams × {args.deltas} deltas at {args.pace:g}/s")
-        bare = paced_run(streams, args.deltas, args.pace, guarded=False)
-        fewer.append((bare, paced_run(streams, args.deltas, args.pace, guarded=True)))
+    fewer = [fewer_streams(streams, args.deltas, args.pace, args.rounds) for streams in args.fewer]
     results: dict[bool, PacedRun] = {}
     for guarded in (False, True):
         label = "guarded" if guarded else "unguarded"

@@ -184,7 +184,10 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
         concurrency.table(c),
         "The same load with fewer streams, to show where one process stops keeping up. *Added lateness*: "
         "the guarded run's lateness over the deltas it did not hold back, minus the unguarded run's (a "
-        "held-back delta waits for the next one by design: see (e)).",
+        "held-back delta waits for the next one by design: see (e)). Each run is the best of "
+        f"{concurrency.FEWER_ROUNDS} rounds by its p99 lateness (other work on the machine only adds "
+        "lateness), or of one round when the guarded run saturates the process "
+        f"(CPU ≥ {concurrency.SATURATED:.0%} of wall).",
         concurrency.fewer_table(c),
         "## (e) Hold-back (`bench/holdback.py`)",
         f"`StreamGuard` fed at model pace ({MODEL_PACE:g} deltas/s). Every character is followed from "
