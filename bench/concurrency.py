@@ -72,11 +72,17 @@ class Probe:
     chunks: list[bytes]
     scheduled: list[float] = field(default_factory=list)
     sent_at: list[float] = field(default_factory=list)
-    received: list[tuple[float, int, bytes]] = field(default_factory=list)  # (when, deltas sent by then, body)
+    # What arrived, as three lists rather than a tuple per body: tuples are objects the garbage
+    # collector tracks, and thousands a second would set off collections the guard did not cause.
+    received_at: list[float] = field(default_factory=list)
+    sent_by_then: list[int] = field(default_factory=list)  # deltas the app had sent when it arrived
+    bodies: list[bytes] = field(default_factory=list)
 
     async def downstream(self, message: Message) -> None:
         if message["type"] == "http.response.body":
-            self.received.append((time.perf_counter(), len(self.sent_at), message.get("body", b"")))
+            self.received_at.append(time.perf_counter())
+            self.sent_by_then.append(len(self.sent_at))
+            self.bodies.append(message.get("body", b""))
 
 
 def paced_app(probes: Sequence[Probe], barrier: asyncio.Event | None = None) -> ASGIApp:
@@ -162,7 +168,7 @@ def analyse(probes: Sequence[Probe], *, guarded: bool, wall: float, cpu: float) 
             cumulative.append(total)
         received = 0
         pending = 0  # the next delta not yet seen downstream
-        for when, sent, body in probe.received:
+        for when, sent, body in zip(probe.received_at, probe.sent_by_then, probe.bodies, strict=True):
             received += len(stream_text(body))
             while pending < len(cumulative) and cumulative[pending] <= received:
                 latency.append(when - probe.sent_at[pending])
