@@ -42,7 +42,7 @@ class SendLock:
 
     def __init__(self) -> None:
         self._held = False
-        self._waiters: deque[anyio.Event] = deque()
+        self._waiters: deque[anyio.Event] | None = None  # made on the first wait: most requests never wait
 
     def acquire_nowait(self) -> bool:
         """Take the lock if nobody holds it; return whether it was taken."""
@@ -57,14 +57,17 @@ class SendLock:
             self._held = True
             return
         turn = anyio.Event()
-        self._waiters.append(turn)
+        if self._waiters is None:
+            self._waiters = deque()
+        waiters = self._waiters
+        waiters.append(turn)
         try:
             await turn.wait()
         except BaseException:
             if turn.is_set():
                 self.release()  # handed the lock as it was cancelled: pass it on
             else:
-                self._waiters.remove(turn)
+                waiters.remove(turn)
             raise
 
     def release(self) -> None:

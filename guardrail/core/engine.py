@@ -287,7 +287,7 @@ class StreamGuard:
         if self._ended:
             return []
         out: list[Output] = []
-        wire = bytearray()
+        wire: list[bytes] = []
         for rule, timer in self._timers:
             code = timer.expired(now)
             if code is None:
@@ -309,7 +309,7 @@ class StreamGuard:
         if self._ended:
             return []
         out: list[Output] = []
-        wire = bytearray()
+        wire: list[bytes] = []
         try:
             events = self._decoder.feed(data)
         except SSEError as exc:
@@ -331,10 +331,10 @@ class StreamGuard:
         if self._ended:
             return []
         out: list[Output] = []
-        wire = bytearray()
+        wire: list[bytes] = []
         try:
             for event in self._decoder.close():
-                wire += event.raw  # only ever the LF of a CRLF split across the last chunks
+                wire.append(event.raw)  # only ever the LF of a CRLF split across the last chunks
         except SSEError:
             pass  # already reported when it was raised
         if self._decoder.discarded:
@@ -359,11 +359,11 @@ class StreamGuard:
         if self._ended:
             return []
         out: list[Output] = []
-        wire = bytearray()
+        wire: list[bytes] = []
         if self._release_held(now, wire, out):
             self._ended = True
             message = f"the upstream stream failed: {detail}"
-            wire += self._renderer.error(message, type="upstream_error", code="upstream_error")
+            wire.append(self._renderer.error(message, type="upstream_error", code="upstream_error"))
             out.append(Ended(Outcome.UPSTREAM_ERROR))
         return self._flush(wire, out)
 
@@ -380,18 +380,18 @@ class StreamGuard:
         if self._ended:
             return []
         out: list[Output] = []
-        wire = bytearray()
+        wire: list[bytes] = []
         if self._release_held(now, wire, out):
             self._ended = True
-            wire += self._renderer.finish("content_filter")
+            wire.append(self._renderer.finish("content_filter"))
             self._pay_usage(wire)
-            wire += self._renderer.done()
+            wire.append(self._renderer.done())
             out.append(Ended(Outcome.ABORTED))
         return self._flush(wire, out)
 
     # -- events ---------------------------------------------------------------------------
 
-    def _handle(self, event: SSEEvent, now: float, wire: bytearray, out: list[Output]) -> None:
+    def _handle(self, event: SSEEvent, now: float, wire: list[bytes], out: list[Output]) -> None:
         parsed = parse(event)
         if self._owe_usage and parsed.obj is not None and parsed.obj.get("usage"):
             self._owe_usage = False  # the stream's own usage chunk passes through unchanged
@@ -406,23 +406,23 @@ class StreamGuard:
             self._handle_chunk(parsed, now, wire, out)
         elif kind is EventKind.PASS:
             self._renderer.observe(parsed)
-            wire += event.raw
+            wire.append(event.raw)
         elif kind is EventKind.DONE:
             self._flush_channels(self._channels.values(), now, wire, out)
             self._pay_usage(wire)
-            wire += event.raw
+            wire.append(event.raw)
         elif kind is EventKind.ERROR:
             self._flush_channels(self._channels.values(), now, wire, out)
-            wire += event.raw
+            wire.append(event.raw)
         elif kind is EventKind.UNKNOWN:
             if not self._reported_unknown:
                 self._reported_unknown = True
                 out.append(Anomaly(AnomalyKind.UNKNOWN_EVENT, "an event that is not a chat completion chunk", False))
-            wire += event.raw
+            wire.append(event.raw)
         else:
             self._fail(AnomalyKind.MALFORMED_EVENT, "an event whose data is not JSON", "malformed_event", wire, out)
 
-    def _handle_chunk(self, parsed: ParsedEvent, now: float, wire: bytearray, out: list[Output]) -> None:
+    def _handle_chunk(self, parsed: ParsedEvent, now: float, wire: list[bytes], out: list[Output]) -> None:
         texts: dict[int, str] = {}
         whole = True
         finishing = set(parsed.finished)
@@ -440,7 +440,7 @@ class StreamGuard:
             texts[number] = trip.released
             rewritten = self._renderer.rewrite(parsed, texts, keep_finish=False)
             if rewritten is not None:
-                wire += rewritten
+                wire.append(rewritten)
             trip.released = ""
             raise
         if finishing:
@@ -448,15 +448,15 @@ class StreamGuard:
             closing = [c for c in self._channels.values() if c.channel.choice in finishing and c.channel not in fed]
             self._flush_channels(closing, now, wire, out)
         if whole:
-            wire += parsed.event.raw
+            wire.append(parsed.event.raw)
         else:
             rewritten = self._renderer.rewrite(parsed, texts)
             if rewritten is not None:
-                wire += rewritten
+                wire.append(rewritten)
         if self.first_text_at is None and any(texts.values()):
             self.first_text_at = now
 
-    def _release_held(self, now: float, wire: bytearray, out: list[Output]) -> bool:
+    def _release_held(self, now: float, wire: list[bytes], out: list[Output]) -> bool:
         """End every channel: what was held only because more text might complete a match is safe now.
 
         Returns False if that ended the stream instead (a pending match turned out final and
@@ -479,7 +479,7 @@ class StreamGuard:
         return guard
 
     def _flush_channels(
-        self, channels: Iterable[_ChannelGuard], now: float, wire: bytearray, out: list[Output]
+        self, channels: Iterable[_ChannelGuard], now: float, wire: list[bytes], out: list[Output]
     ) -> None:
         for channel in list(channels):
             if channel.finished:
@@ -488,35 +488,35 @@ class StreamGuard:
                 released = channel.feed("", final=True, out=out, now=now)
             except _Trip as trip:
                 if trip.released:
-                    wire += self._renderer.text(channel.channel, trip.released)
+                    wire.append(self._renderer.text(channel.channel, trip.released))
                     trip.released = ""
                 raise
             if released:
-                wire += self._renderer.text(channel.channel, released)
+                wire.append(self._renderer.text(channel.channel, released))
                 if self.first_text_at is None:
                     self.first_text_at = now
 
     # -- endings --------------------------------------------------------------------------
 
-    def _trip(self, trip: _Trip, wire: bytearray, out: list[Output]) -> None:
+    def _trip(self, trip: _Trip, wire: list[bytes], out: list[Output]) -> None:
         rule = trip.rule
         self._ended = True
         if self._fall_back(rule, Outcome.FALLBACK, wire, out):
             return
-        wire += self._renderer.finish(_stop_reason(rule))
+        wire.append(self._renderer.finish(_stop_reason(rule)))
         self._pay_usage(wire)
-        wire += self._renderer.done()
+        wire.append(self._renderer.done())
         out.append(Ended(Outcome.ABORTED, rule.name))
 
-    def _time_out(self, rule: BoundRule, code: str, wire: bytearray, out: list[Output]) -> None:
+    def _time_out(self, rule: BoundRule, code: str, wire: list[bytes], out: list[Output]) -> None:
         self._ended = True
         if self._fall_back(rule, Outcome.TIMEOUT, wire, out):
             return
         message = f"guardrail ended the stream: {_TIMEOUT_MESSAGES.get(code, code)} (rule {rule.name!r})"
-        wire += self._renderer.error(message, type="timeout", code=code)
+        wire.append(self._renderer.error(message, type="timeout", code=code))
         out.append(Ended(Outcome.TIMEOUT, rule.name))
 
-    def _fall_back(self, rule: BoundRule, outcome: Outcome, wire: bytearray, out: list[Output]) -> bool:
+    def _fall_back(self, rule: BoundRule, outcome: Outcome, wire: list[bytes], out: list[Output]) -> bool:
         """End with the rule's fallback if it has one: stream its text, or hand its url to the shell."""
         fallback = self._fallback_of(rule)
         if rule.action is not Action.FALLBACK or fallback is None:
@@ -526,9 +526,9 @@ class StreamGuard:
             return True
         if fallback.text is None:
             return False
-        wire += self._fallback_text(fallback.text)
+        wire.append(self._fallback_text(fallback.text))
         self._pay_usage(wire)
-        wire += self._renderer.done()
+        wire.append(self._renderer.done())
         out.append(Ended(outcome, rule.name))
         return True
 
@@ -542,30 +542,33 @@ class StreamGuard:
             guard.sent.append(text)
         return self._renderer.fallback(text)
 
-    def _pay_usage(self, wire: bytearray) -> None:
+    def _pay_usage(self, wire: list[bytes]) -> None:
         if self._owe_usage:
             self._owe_usage = False
-            wire += self._renderer.usage(self._prompt_tokens, self._tokens_before + (self.completion_tokens() or 0))
+            completion = self._tokens_before + (self.completion_tokens() or 0)
+            wire.append(self._renderer.usage(self._prompt_tokens, completion))
 
     def _fallback_of(self, rule: BoundRule) -> Fallback | None:
         # A continuation is already the fallback: a second trip aborts rather than branching again.
         return None if self._continuation is not None else rule.fallback
 
-    def _fail(self, kind: AnomalyKind, detail: str, code: str, wire: bytearray, out: list[Output]) -> None:
+    def _fail(self, kind: AnomalyKind, detail: str, code: str, wire: list[bytes], out: list[Output]) -> None:
         self._ended = True
         out.append(Anomaly(kind, detail, ended_stream=True))
-        wire += self._renderer.error(f"guardrail ended the stream: {detail}", type="guardrail_error", code=code)
+        wire.append(self._renderer.error(f"guardrail ended the stream: {detail}", type="guardrail_error", code=code))
         outcome = Outcome.UPSTREAM_ERROR if kind is not AnomalyKind.RULE_ERROR else Outcome.ABORTED
         out.append(Ended(outcome))
 
     @staticmethod
-    def _flush(wire: bytearray, out: list[Output]) -> list[Output]:
-        if wire:
+    def _flush(wire: list[bytes], out: list[Output]) -> list[Output]:
+        # One piece, nearly always an event passed through whole, goes out as the very bytes that came in.
+        data = wire[0] if len(wire) == 1 else b"".join(wire)
+        if data:
             # Ended, if present, comes last: the bytes before it still go out.
             if out and isinstance(out[-1], Ended):
-                out.insert(len(out) - 1, Send(bytes(wire)))
+                out.insert(len(out) - 1, Send(data))
             else:
-                out.append(Send(bytes(wire)))
+                out.append(Send(data))
         return out
 
 
