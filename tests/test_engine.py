@@ -170,6 +170,34 @@ def test_text_that_cannot_start_a_match_is_released_in_the_same_delta() -> None:
         assert sent == chunk(piece)  # the original bytes
 
 
+def test_an_event_released_whole_goes_out_as_the_same_bytes_object() -> None:
+    guard = StreamGuard([BoundRule("banned", BANNED, Action.ABORT)])
+    guard.feed(chunk("", role="assistant"))
+    event = chunk("Hello there")
+    (output,) = guard.feed(event)
+    assert isinstance(output, Send) and output.data is event
+
+
+def test_buffers_other_than_bytes_are_taken_as_their_bytes_and_may_be_reused() -> None:
+    """Starlette's StreamingResponse passes memoryviews through; a socket reader reuses its buffer."""
+    guard = StreamGuard([BoundRule("banned", BANNED, Action.REDACT, replacement="[gone]")])
+    buffer = bytearray(1024)
+    sent: list[bytes] = []
+    events = [chunk("", role="assistant"), chunk("Plain text, "), chunk("sk-" + "A1b2" * 6), chunk(" done."), DONE]
+    for number, event in enumerate(events):
+        buffer[: len(event)] = event
+        data = memoryview(buffer)[: len(event)] if number % 2 else bytearray(buffer[: len(event)])
+        outputs = guard.feed(data)
+        assert all(type(output.data) is bytes for output in outputs if isinstance(output, Send))
+        sent += [output.data for output in outputs if isinstance(output, Send)]
+        buffer[:] = b"x" * len(buffer)  # the buffer is reused: what was sent must not change with it
+        if isinstance(data, bytearray):
+            data[:] = b"x" * len(data)
+    client = view(b"".join(sent))
+    assert client.content == "Plain text, [gone] done."
+    assert client.done
+
+
 def test_a_possible_match_start_is_held_until_the_next_delta_rules_it_out() -> None:
     guard = StreamGuard([BoundRule("banned", BANNED, Action.ABORT)])
     held = [o for o in guard.feed(chunk("It is project")) if isinstance(o, Send)]

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 from prometheus_client import CollectorRegistry
+from starlette.middleware import Middleware
 
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
 from guardrail.asgi import GuardrailMiddleware
@@ -36,6 +37,7 @@ from tests.apps import (
     SteppedApp,
     endless_streaming_response_app,
     finish_reasons,
+    generator_app,
     http_scope,
     joined_content,
     replay_app,
@@ -371,6 +373,24 @@ async def test_korean_text_split_inside_characters_arrives_intact() -> None:
     recorder.assert_ended_cleanly()
     assert recorder.content == "".join(deltas)
     assert recorder.body == wire
+
+
+async def test_a_streaming_response_of_memoryviews_is_guarded_like_one_of_bytes() -> None:
+    """Starlette's StreamingResponse passes memoryview chunks through to the middleware as they are."""
+    parts = CHAT.stream(["Here is ", KEY[:12], KEY[12:], " for you."])
+
+    async def generate() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield memoryview(part)  # type: ignore[misc]  # what an app may yield
+
+    recorder = Recorder()
+    app = generator_app(
+        generate, middleware=[Middleware(GuardrailMiddleware, rules=RuleSet.from_rules([secrets_rule(Action.REDACT)]))]
+    )
+    with anyio.fail_after(5):
+        await app(http_scope(), Receiver(), recorder)
+    recorder.assert_ended_cleanly()
+    assert recorder.content == "Here is [redacted] for you."
 
 
 async def test_a_korean_banned_phrase_split_inside_characters_is_redacted() -> None:

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import regex
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from guardrail.config import load_rules
@@ -142,8 +141,6 @@ def test_no_character_of_a_pack_secret_reaches_the_client_one_character_per_delt
         (text, reasons, done), _ = run(rules, list(answer))
         assert text == "Here it is: [redacted] \u2014 keep it safe.", secret
         assert (reasons, done) == (["stop"], True)
-        # Not even the distinctive start of a secret went out.
-        assert not regex.search(r"sk-|AKIA|ghp_|xoxb-|AIza|eyJ|BEGIN", text)
 
 
 DEFAULT_RULES = load_rules(ROOT / "rules" / "default.yaml").rules  # the whole pack: budget and timeouts too

@@ -250,6 +250,7 @@ def test_the_worker_factory_reads_its_settings_from_the_environment(monkeypatch:
     assert ServeSettings.from_env() == settings
     app = create_app()
     assert app.settings == settings
+    assert app.freezes_after_startup  # a worker process is the proxy's own
     assert isinstance(app.model, UpstreamProxy)
     anyio.run(app.model.aclose)
     monkeypatch.setenv(ENV_UPSTREAM, "")

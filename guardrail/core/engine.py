@@ -300,14 +300,20 @@ class StreamGuard:
             break
         return self._flush(wire, out)
 
-    def feed(self, data: bytes, now: float = 0.0) -> list[Output]:
+    def feed(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> list[Output]:
         """Take the next bytes of the body; return what to do about them, in order.
+
+        ``data`` may also be a ``bytearray`` or ``memoryview`` (Starlette's ``StreamingResponse``
+        passes memoryviews through); it is copied, so reusing the buffer afterwards is safe. An
+        event passed through whole goes out as the very ``bytes`` object that brought it.
 
         Never raises for bad input: malformed or oversized events and failing rules end the
         stream with an in-dialect error event and an ``Anomaly``.
         """
         if self._ended:
             return []
+        if type(data) is not bytes:
+            data = bytes(data)
         out: list[Output] = []
         wire: list[bytes] = []
         try:

@@ -22,7 +22,9 @@ a factory) reads in every worker:
 * ``GUARDRAIL_UPSTREAM``: the upstream base URL; unset or empty for the demo model.
 
 The same factory serves under any ASGI server, e.g.
-``GUARDRAIL_RULES=rules/default.yaml uvicorn --factory guardrail.proxy.app:create_app``.
+``GUARDRAIL_RULES=rules/default.yaml uvicorn --factory guardrail.proxy.app:create_app``. It
+assumes the process is the proxy's own: once started, the proxy freezes the objects of startup
+out of the garbage collector's sight (``gc.freeze()``, see ``build_app``).
 Each worker counts its own metrics: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory
 before starting for ``/metrics`` to sum all workers (guardrail never creates or empties it).
 """
@@ -122,7 +124,7 @@ class GuardingProxy:
         self.model = model
         self.metrics = metrics
         self._owns_model = owns_model
-        self._freeze_after_startup = freeze_after_startup
+        self.freezes_after_startup = freeze_after_startup
         origin = origin_of(settings.upstream) if settings.upstream else None
         # The upstream already receives the client's credentials: a url fallback there may too.
         self._credential_origins = (origin,) if origin else ()
@@ -153,7 +155,7 @@ class GuardingProxy:
         assert message["type"] == "lifespan.startup"
         async with anyio.create_task_group() as tasks:
             await tasks.start(self.guard.watch)
-            if self._freeze_after_startup:
+            if self.freezes_after_startup:
                 _freeze_startup_objects()
             await send({"type": "lifespan.startup.complete"})
             while (await receive())["type"] != "lifespan.shutdown":
@@ -216,6 +218,9 @@ def _freeze_startup_objects() -> None:
 
 def create_app() -> GuardingProxy:
     """The proxy, configured from ``GUARDRAIL_RULES`` and ``GUARDRAIL_UPSTREAM``: a factory for uvicorn.
+
+    The process is taken to be the proxy's own: the objects of startup are frozen once it has
+    started (``freeze_after_startup`` of :func:`build_app`).
 
     Returns:
         The ASGI app.
