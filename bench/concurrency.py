@@ -259,7 +259,8 @@ class Concurrency:
     guarded: PacedRun
     memory_bare: float  # bytes per stream
     memory_guarded: float
-    fewer: tuple[tuple[PacedRun, PacedRun], ...] = ()  # (unguarded, guarded) at fewer streams
+    fewer: tuple[Rounds, ...] = ()  # at fewer streams
+    collection_ms: tuple[float, float] = (0.0, 0.0)  # a full collection, startup objects as they are / frozen
 
     def added(self, fraction: float, attribute: str = "latency") -> float:
         """Guarded minus unguarded quantile of ``attribute``, in seconds."""
@@ -345,10 +346,13 @@ def added_lateness(bare: PacedRun, guarded: PacedRun, fraction: float = 0.99) ->
 def fewer_table(result: Concurrency) -> str:
     """The same load with fewer streams: where one process stops keeping up."""
     rows = []
-    for bare, guarded in (*result.fewer, (result.bare, result.guarded)):
+    every = [*result.fewer, Rounds(((result.bare, result.guarded),))]
+    for rounds in every:
+        bare, guarded = rounds.median
         rows.append(
             (
                 f"{guarded.streams:,}",
+                f"{len(rounds.pairs)}",
                 f"{guarded.deltas / guarded.wall:,.0f}",
                 f"{bare.cpu / bare.wall * 100:.0f}%",
                 f"{guarded.cpu / guarded.wall * 100:.0f}%",
@@ -358,10 +362,12 @@ def fewer_table(result: Concurrency) -> str:
                 _ms(percentile(guarded.lateness_unheld, 0.99)),
                 _ms(added_lateness(bare, guarded, 0.5)),
                 _ms(added_lateness(bare, guarded)),
+                ", ".join(_ms(added) for added in rounds.added_p99),
             )
         )
     headers = (
         "streams",
+        "rounds",
         "deltas/s",
         "unguarded CPU/wall",
         "guarded CPU/wall",
@@ -371,29 +377,61 @@ def fewer_table(result: Concurrency) -> str:
         "guarded lateness p99 ms, deltas not held",
         "added lateness p50 ms, deltas not held",
         "added lateness p99 ms, deltas not held",
+        "the same, each round",
     )
     return md_table(headers, rows)
 
 
-def fewer_streams(streams: int, deltas: int, pace: float, rounds: int) -> tuple[PacedRun, PacedRun]:
-    """The unguarded and the guarded run at ``streams`` streams, each the best of ``rounds``.
+@dataclass(frozen=True, slots=True)
+class Rounds:
+    """Paired rounds at one stream count: each an unguarded run, then a guarded one."""
 
-    Best by p99 lateness (of the deltas not held back, guarded): other work on a shared machine
-    only ever adds lateness, and one stall of the machine decides a p99 of a few thousand deltas.
-    Once the guarded run saturates the process, further rounds cannot change that: one is run.
+    pairs: tuple[tuple[PacedRun, PacedRun], ...]
+
+    @property
+    def added_p99(self) -> list[float]:
+        """Each round's added p99 lateness (seconds, deltas not held back), in round order."""
+        return [added_lateness(bare, guarded) for bare, guarded in self.pairs]
+
+    @property
+    def median(self) -> tuple[PacedRun, PacedRun]:
+        """The round whose added p99 lateness is the median (the lower middle one of an even count)."""
+        ranked = sorted(range(len(self.pairs)), key=lambda number: self.added_p99[number])
+        return self.pairs[ranked[(len(ranked) - 1) // 2]]
+
+
+def fewer_streams(streams: int, deltas: int, pace: float, rounds: int) -> Rounds:
+    """``rounds`` paired rounds at ``streams`` streams, each an unguarded run and then a guarded one.
+
+    A stall of the shared machine decides a p99 of a few thousand deltas, so one round alone can
+    say little. If the first guarded run saturates the process (CPU ``SATURATED`` of wall or
+    more), more rounds cannot change that: only one is run.
     """
-    bare: list[PacedRun] = []
-    guarded: list[PacedRun] = []
+    pairs: list[tuple[PacedRun, PacedRun]] = []
     for number in range(rounds):
         step(f"concurrency: {streams:,} unguarded and guarded streams × {deltas} deltas at {pace:g}/s, #{number + 1}")
-        bare.append(paced_run(streams, deltas, pace, guarded=False))
-        guarded.append(paced_run(streams, deltas, pace, guarded=True))
-        if guarded[-1].cpu >= SATURATED * guarded[-1].wall:
+        bare = paced_run(streams, deltas, pace, guarded=False)
+        guarded = paced_run(streams, deltas, pace, guarded=True)
+        pairs.append((bare, guarded))
+        if number == 0 and guarded.cpu >= SATURATED * guarded.wall:
             break
-    return (
-        min(bare, key=lambda run: percentile(run.lateness, 0.99)),
-        min(guarded, key=lambda run: percentile(run.lateness_unheld, 0.99)),
-    )
+    return Rounds(tuple(pairs))
+
+
+def full_collection_ms(repeats: int = 3) -> tuple[float, float]:
+    """A full collection of this process (best of ``repeats``, ms): with its objects as they are, then frozen."""
+    timings: list[float] = []
+    for frozen in (False, True):
+        if frozen:
+            gc.freeze()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            gc.collect()
+            best = min(best, time.perf_counter() - start)
+        timings.append(best * 1e3)
+    gc.unfreeze()
+    return timings[0], timings[1]
 
 
 def main(argv: Sequence[str] | None = None) -> Concurrency:
@@ -405,10 +443,11 @@ def main(argv: Sequence[str] | None = None) -> Concurrency:
         "--fewer", type=int, nargs="*", default=[100, 250, 500], help="also run these stream counts (fewer_table)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=FEWER_ROUNDS, help="rounds at each of the fewer stream counts (best of them)"
+        "--rounds", type=int, default=FEWER_ROUNDS, help="paired rounds at each of the fewer stream counts"
     )
     args = parser.parse_args(argv)
     warm_up()
+    collection = full_collection_ms()
     fewer = [fewer_streams(streams, args.deltas, args.pace, args.rounds) for streams in args.fewer]
     results: dict[bool, PacedRun] = {}
     for guarded in (False, True):
@@ -420,8 +459,17 @@ def main(argv: Sequence[str] | None = None) -> Concurrency:
         step(f"concurrency: memory of {args.streams:,} open {'guarded' if guarded else 'unguarded'} streams")
         memory[guarded] = memory_per_stream(args.streams, guarded=guarded)
     result = Concurrency(
-        args.streams, args.deltas, args.pace, results[False], results[True], memory[False], memory[True], tuple(fewer)
+        args.streams,
+        args.deltas,
+        args.pace,
+        results[False],
+        results[True],
+        memory[False],
+        memory[True],
+        tuple(fewer),
+        collection,
     )
+    print(f"a full collection: {collection[0]:.1f} ms; with the startup objects frozen: {collection[1]:.1f} ms")
     print(table(result))
     print(fewer_table(result))
     return result
