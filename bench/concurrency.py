@@ -469,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> Concurrency:
         tuple(fewer),
         collection,
     )
-    print(f"a full collection: {collection[0]:.1f} ms; with the startup objects frozen: {collection[1]:.1f} ms")
+    print(f"a full collection: {collection[0]:.1f} ms; with the startup objects frozen: {collection[1]:.2f} ms")
     print(table(result))
     print(fewer_table(result))
     return result

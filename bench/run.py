@@ -181,8 +181,8 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
         "starts with the process's objects frozen (`gc.freeze()`), as `guardrail serve` does once started, "
         "so that a full collection does not walk the imports (an app with the middleware gets this only if "
         "it freezes its own startup objects): in this process a full collection takes "
-        f"{c.collection_ms[0]:.1f} ms, {c.collection_ms[1]:.1f} ms frozen. Memory: tracemalloc, in a separate "
-        "pass where every stream "
+        f"{c.collection_ms[0]:.1f} ms, {c.collection_ms[1]:.2f} ms once they are frozen. Memory: tracemalloc, "
+        "in a separate pass where every stream "
         f"has sent {concurrency.MEMORY_DELTAS} deltas and waits.",
         concurrency.table(c),
         "The same load with fewer streams, to show where one process stops keeping up. *Added lateness*: "
