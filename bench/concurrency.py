@@ -17,9 +17,9 @@ For every delta:
   up with the load, which the send-to-send latency alone would not show.
 
 Each run starts with the objects the process holds frozen (``gc.freeze()``), as ``guardrail serve``
-does once started: a full collection then walks what the streams keep, not the imports (a pause of
-15-20 ms otherwise, in which no stream moves). A short stream is guarded first, so that the imports
-of a first request do not land in the timed run.
+does once started: a full collection then walks what the streams keep, not the imports (a pause
+of tens of milliseconds otherwise, in which no stream moves). A short stream is guarded first, so
+that the imports of a first request do not land in the timed run.
 
 CPU is ``time.process_time()`` over the run. Memory per stream is measured apart, with
 tracemalloc (which slows everything down, so not during the timed run): every stream sends

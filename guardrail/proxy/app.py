@@ -209,8 +209,8 @@ def _freeze_startup_objects() -> None:
     """Keep the objects of startup (modules, the app, the rules) out of every later collection.
 
     They live as long as the process, but a full collection walks all of them each time, some
-    40,000 objects after the imports: a pause of 15-20 ms in which no stream moves. Frozen, a
-    full collection walks only what the streams themselves keep.
+    40,000 objects after the imports: a pause of tens of milliseconds in which no stream moves.
+    Frozen, a full collection walks only what the streams themselves keep.
     """
     gc.collect()
     gc.freeze()
