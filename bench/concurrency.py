@@ -396,7 +396,8 @@ class Rounds:
     @property
     def median(self) -> tuple[PacedRun, PacedRun]:
         """The round whose added p99 lateness is the median (the lower middle one of an even count)."""
-        ranked = sorted(range(len(self.pairs)), key=lambda number: self.added_p99[number])
+        added = self.added_p99  # each round's percentiles, computed once
+        ranked = sorted(range(len(self.pairs)), key=added.__getitem__)
         return self.pairs[ranked[(len(ranked) - 1) // 2]]
 
 
