@@ -11,6 +11,7 @@ this one composes their ``main()`` results. It asserts nothing: benchmarks are n
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +88,15 @@ def goals(results: Everything) -> list[Goal]:
         Goal(
             "(d) the same, from when each delta was due (includes waiting for a saturated event loop)",
             f"{c.added(0.99, 'lateness') * 1e3:.1f} ms (guarded CPU {c.guarded.cpu / c.guarded.wall:.0%} of wall)",
+            None,
+        )
+    )
+    rate = c.streams * c.pace  # deltas per second the load asks for
+    found.append(
+        Goal(
+            f"(d) CPU the load needs at {c.streams:,} streams × {c.pace:g} deltas/s, from each run's CPU per delta",
+            f"guarded {c.guarded.cpu / c.guarded.deltas * rate:.2f} cores, unguarded "
+            f"{c.bare.cpu / c.bare.deltas * rate:.2f} (this machine: {os.cpu_count()})",
             None,
         )
     )
