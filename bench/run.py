@@ -87,7 +87,7 @@ def goals(results: Everything) -> list[Goal]:
     found.append(
         Goal(
             "(d) the same, from when each delta was due (includes waiting for a saturated event loop)",
-            f"{c.added(0.99, 'lateness') * 1e3:.1f} ms (guarded CPU {c.guarded.cpu / c.guarded.wall:.0%} of wall)",
+            f"{c.added(0.99, 'lateness') * 1e3:.1f} ms (guarded CPU {c.guarded.busy:.0%} of wall)",
             None,
         )
     )
@@ -95,8 +95,8 @@ def goals(results: Everything) -> list[Goal]:
     found.append(
         Goal(
             f"(d) CPU the load needs at {c.streams:,} streams × {c.pace:g} deltas/s, from each run's CPU per delta",
-            f"guarded {c.guarded.cpu / c.guarded.deltas * rate:.2f} cores, unguarded "
-            f"{c.bare.cpu / c.bare.deltas * rate:.2f} (this machine: {os.cpu_count()})",
+            f"guarded {c.guarded.cpu_per_delta * rate:.2f} cores, unguarded "
+            f"{c.bare.cpu_per_delta * rate:.2f} (this machine: {os.cpu_count()})",
             None,
         )
     )
