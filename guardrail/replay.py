@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardrail.asgi.branch import display_url
+from guardrail.core.dialect import EventKind
+from guardrail.core.dialects.openai_chat import ChatStream
 from guardrail.core.engine import StreamGuard
-from guardrail.core.openai_chat import EventKind, parse
 from guardrail.core.outputs import Anomaly, Ended, Intervention, Outcome, Send
 from guardrail.core.rule import BoundRule, Fallback
 from guardrail.core.sse import SSEDecoder
@@ -176,19 +177,19 @@ def client_view(wire: bytes) -> ClientView:
     """
     view = ClientView()
     decoder = SSEDecoder()
+    reader = ChatStream()
     for event in [*decoder.feed(wire), *decoder.close()]:
-        parsed = parse(event)
-        if parsed.kind is EventKind.DONE:
+        parsed = reader.parse(event.raw, event)
+        if parsed.kind is EventKind.END:
             view.done = True
-        elif parsed.kind is EventKind.ERROR and parsed.obj is not None:
-            error = parsed.obj["error"]
+        elif parsed.kind is EventKind.ERROR and parsed.data is not None:
+            error = parsed.data["error"]
             view.errors.append(error if isinstance(error, dict) else {"message": str(error)})
-        elif parsed.kind is EventKind.CHUNK and parsed.obj is not None:
+        elif parsed.kind in (EventKind.TEXT, EventKind.PASS) and isinstance(parsed.data, dict):
             for piece in parsed.pieces:
-                channel = str(piece.channel)
-                view.text[channel] = view.text.get(channel, "") + piece.text
-            for pos, choice in enumerate(parsed.obj["choices"]):
-                if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                view.text[piece.channel] = view.text.get(piece.channel, "") + piece.text
+            for pos, choice in enumerate(parsed.data.get("choices") or ()):
+                if isinstance(choice, dict) and choice.get("finish_reason"):
                     index = choice.get("index", pos)
                     view.finish_reasons[index if isinstance(index, int) else pos] = str(choice["finish_reason"])
     return view

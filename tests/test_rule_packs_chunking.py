@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from guardrail.config import load_rules
 from guardrail.core.engine import StreamGuard
 from guardrail.core.outputs import Anomaly, Ended, Intervention, Output, Send
-from guardrail.core.rule import BoundRule
-from guardrail.rules.banned import BannedPatterns, BannedPatternsChecker
+from guardrail.core.rule import BoundRule, Checker
+from guardrail.rules.banned import BannedPatterns, BannedPatternsChecker, _Both
 from tests.apps import ChatChunks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +38,9 @@ class Unfiltered:
     def __init__(self, rule: BannedPatterns) -> None:
         self.rule = rule
 
-    def checker(self) -> BannedPatternsChecker:
-        return BannedPatternsChecker(self.rule._searchers, None, self.rule._timeout)
+    def checker(self) -> Checker:
+        searched = BannedPatternsChecker(self.rule._searchers, None, self.rule._timeout, self.rule._singles)
+        return searched if self.rule._index is None else _Both(searched, self.rule._index.checker())
 
 
 def unfiltered(rules: Sequence[BoundRule]) -> list[BoundRule]:

@@ -246,7 +246,7 @@ class _GuardedResponse:
             self.guard = None  # not a stream: nothing to guard, no deadlines
             return message
         self._arm()
-        self.metrics.stream_started(StreamGuard.dialect)
+        self.metrics.stream_started(self._dialect_name())
         # The guard may change the body, so a length announced by the app would be wrong.
         headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
         return {**message, "headers": headers}
@@ -265,7 +265,7 @@ class _GuardedResponse:
                 prompt_tokens=self.prompt_tokens,
             )
             self.record = StreamRecord(
-                request_id=self._request_id(), path=self.scope.get("path", ""), dialect=StreamGuard.dialect
+                request_id=self._request_id(), path=self.scope.get("path", ""), dialect=self._dialect_name()
             )
             self.record.model = self.request.model
             self.record.hits.extend(self.early_hits)
@@ -316,7 +316,7 @@ class _GuardedResponse:
             # check time as the histogram's sample: metrics stay a small part of the per-delta cost.
             self.unreported_deltas += guard.deltas - deltas
             if self.unreported_deltas >= DELTAS_PER_REPORT:
-                self.metrics.delta(StreamGuard.dialect, self.now() - now, self.unreported_deltas)
+                self.metrics.delta(self._dialect_name(), self.now() - now, self.unreported_deltas)
                 self.unreported_deltas = 0
         return outputs
 
@@ -334,7 +334,7 @@ class _GuardedResponse:
                 self.response_started = True
                 headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]
                 await self.downstream({"type": "http.response.start", "status": 200, "headers": headers})
-                self.metrics.stream_started(StreamGuard.dialect)
+                self.metrics.stream_started(self._dialect_name())
             if data or not more_body:
                 await self.downstream({"type": "http.response.body", "body": data, "more_body": more_body})
         except OSError:
@@ -590,6 +590,9 @@ class _GuardedResponse:
 
     # -- outcome ----------------------------------------------------------------------------
 
+    def _dialect_name(self) -> str:
+        return self.guard.dialect if self.guard is not None else "openai_chat"
+
     def _settle(self, outcome: Outcome) -> None:
         if self.outcome is None:
             self.outcome = outcome
@@ -600,7 +603,7 @@ class _GuardedResponse:
         if guard is None or record is None or not self.response_started:
             return
         if self.unreported_deltas:
-            self.metrics.delta(StreamGuard.dialect, 0.0, self.unreported_deltas, sampled=False)
+            self.metrics.delta(self._dialect_name(), 0.0, self.unreported_deltas, sampled=False)
         now = self.now()
         outcome = self.outcome or Outcome.COMPLETED
         first = guard.first_text_at
@@ -617,7 +620,7 @@ class _GuardedResponse:
             record.text = guard.sent_text()
         record.time_to_first_token = first - self.start if first is not None else None
         self.metrics.stream_finished(
-            StreamGuard.dialect, outcome, duration=record.duration, time_to_first_token=record.time_to_first_token
+            self._dialect_name(), outcome, duration=record.duration, time_to_first_token=record.time_to_first_token
         )
         log_record(record)
         if self.middleware.on_record is not None:

@@ -2,19 +2,25 @@
 
 Theory of operation
 -------------------
-Bytes from the app go through the SSE decoder and the dialect, which splits each event's text
-into channels (a choice's content, refusal, tool-call arguments). Every channel has one checker
-per rule. After each piece of text, each checker returns a verdict: the offset before which it
-will never object (``safe``) and any final hits. The channel's *release frontier* is the least
-``safe`` of the rules that hold back; text before it goes to the client now, text after it is
-held. Hits are acted on in the order they start, once no rule can still find an earlier match
-(the hit starts before the frontier): ``log`` records, ``redact`` swaps the span for the
-replacement, ``abort`` and ``fallback`` release what comes before the hit and end the stream.
+The body's bytes are cut into frames by the dialect's framing (SSE, NDJSON, one whole JSON
+body) and read by its :class:`~guardrail.core.dialect.DialectStream` into channel pieces. Every
+channel has one checker per rule. After each piece of text, each checker returns a verdict: the
+offset before which it will never object (``safe``) and any final hits. The channel's *release
+frontier* is the least ``safe`` of the rules that hold back; text before it goes to the client
+now, text after it is held. Hits are acted on in the order they start, once no rule can still
+find an earlier match (the hit starts before the frontier): ``log`` records, ``redact`` swaps
+the span for the replacement, ``abort`` and ``fallback`` release what comes before the hit and
+end the stream.
 
-An event whose text is released whole, unchanged and in the same delta goes out as its original
-bytes; anything held or changed is re-rendered by the dialect. Events without text pass through
-at once, except that a finish chunk or ``[DONE]`` first flushes the channels it ends, so text
-never moves after the event that closes it.
+A piece and the end of its channel are two steps: text is always fed, then finished. A frame
+that *ends* channels releases their held text (re-rendered into it, or just before it); a frame
+that *waits* for channels (a chat finish chunk) goes out once they hold nothing, and text that
+still follows continues them. Strings outside channels (ids, comments, error messages) are
+checked whole; a match there ends the stream, since they cannot be cut.
+
+A frame whose text is released whole and unchanged goes out as its original bytes; anything
+held or changed is re-rendered by the dialect, which also writes every ending (a policy or
+length stop, fallback text, an error) in its own terms. The engine knows no provider.
 
 Time-based rules keep a :class:`~guardrail.core.rule.Timer` per stream. The guard never reads a
 clock: the shell passes ``now`` to every call, asks :attr:`StreamGuard.deadline` when to wake it,
@@ -25,30 +31,31 @@ After the guard has ended a stream, ``feed`` returns nothing: the shell stops th
 Continuations
 -------------
 When a fallback with ``url`` fires, the shell streams another upstream's answer into the same
-response. It feeds that answer to a second guard made with ``continuation=True`` and the first
-guard's :attr:`StreamGuard.identity`: every chunk is re-rendered with the first stream's ``id``,
-``created`` and ``model``, role deltas are dropped (the client already has one), and a rule with
-``action: fallback`` acts as ``abort``, so a second trip ends the stream instead of branching again.
+response, through a second guard made with ``continuation=True`` and the dialect's continuation
+stream (which re-labels the answer as the first stream's). A rule with ``action: fallback``
+acts as ``abort`` there, so a second trip ends the stream instead of branching again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any, NamedTuple, cast
 
-from guardrail.core.openai_chat import (
-    DIALECT,
-    Channel,
-    ChatRenderer,
+from guardrail.core.dialect import (
+    DialectStream,
+    Ending,
     EventKind,
-    ParsedEvent,
-    carries_something,
-    dumps,
-    parse,
+    Fail,
+    FallbackText,
+    Framing,
+    Parsed,
+    Stop,
+    StopReason,
 )
+from guardrail.core.dialects import default_stream
+from guardrail.core.framing import frames_for
 from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Outcome, Output, Released, Send
-from guardrail.core.rule import Action, BoundRule, Checker, Fallback, Hit, Rule, TimedRule, Timer, Verdict
-from guardrail.core.sse import SSEDecoder, SSEEvent, encode_event
+from guardrail.core.rule import Action, BoundRule, Checker, Hit, Rule, TimedRule, Timer, Verdict
 from guardrail.core.tokens import BPEEncoding
 from guardrail.exceptions import RuleError, SSEError
 
@@ -59,16 +66,20 @@ _PRECEDENCE = {Action.ABORT: 0, Action.FALLBACK: 0, Action.REDACT: 1, Action.LOG
 class _Trip(Exception):
     """Raised inside a channel when an abort or fallback hit becomes decisive."""
 
-    def __init__(self, rule: BoundRule, released: str) -> None:
+    def __init__(self, rule: BoundRule, released: str, channel: str) -> None:
         self.rule = rule
         self.released = released
+        self.channel = channel
+
+
+class _Unreadable(Exception):
+    """A frame the dialect cannot read, or one that breaks the stream's structure."""
 
 
 class _ChannelGuard:
     """The rules, held text and release state of one channel."""
 
     __slots__ = (
-        "channel",
         "checkers",
         "finished",
         "held_since",
@@ -81,9 +92,8 @@ class _ChannelGuard:
         "sent",
     )
 
-    def __init__(self, channel: Channel, rules: Sequence[BoundRule]) -> None:
-        self.channel = channel
-        self.name = str(channel)
+    def __init__(self, name: str, rules: Sequence[BoundRule]) -> None:
+        self.name = name
         # (rule, checker, holds): shadow-mode (log) rules never hold text back, so that they
         # change neither what the client sees nor when.
         self.checkers: tuple[tuple[BoundRule, Checker, bool], ...] = tuple(
@@ -161,7 +171,7 @@ class _ChannelGuard:
             parts.append(self._take(hit.start))
         if rule.action is not Action.REDACT:
             self.sent.extend(parts)
-            raise _Trip(rule, "".join(parts))
+            raise _Trip(rule, "".join(parts), self.name)
         if hit.end <= self.released:
             return
         # Overlapping redactions join into one replacement.
@@ -180,60 +190,77 @@ class _ChannelGuard:
 
 
 class StreamGuard:
-    """Guards one OpenAI chat completion stream.
+    """Guards one response in one dialect.
 
     Feed it the response body as it arrives; send the ``Send`` outputs' bytes to the client
     in order; when an ``Ended`` output appears, close the body and stop the app.
 
     Args:
         rules: the rules that apply to this stream.
+        dialect: the response's :class:`~guardrail.core.dialect.DialectStream` (its framing
+            says how the body is cut). By default an OpenAI chat completion stream, started
+            with ``options`` (``identity``, ``include_usage``, ``prompt_tokens``,
+            ``tokens_before``, ``continuation``: see
+            :class:`~guardrail.core.dialects.openai_chat.ChatStream`).
         start: when the request started, on the clock the shell passes as ``now``.
-        identity: ``id``, ``created`` and ``model`` for chunks the guard writes before the
-            stream has sent one of its own (a fallback before the first token).
-        continuation: guard another upstream's answer spliced into a stream that ``identity``
-            (the first guard's :attr:`identity`) already started: see the module docstring.
         encoding: the tiktoken encoding that counts completion tokens (see
-            :meth:`completion_tokens`); None: no counting, no usage chunks.
-        include_usage: the client asked for ``stream_options.include_usage``: if the stream ends
-            without a usage chunk of its own (cut by the guard, or never sent), the guard adds one
-            before ``[DONE]`` whose ``completion_tokens`` counts exactly the text the client got.
-        prompt_tokens: the request's prompt tokens, for that usage chunk.
-        tokens_before: completion tokens the client received before this stream began (a
-            continuation's prefix), counted into that usage chunk.
+            :meth:`completion_tokens`); None: no counting, no usage written by the guard.
+        prompt_tokens: the request's prompt tokens, for usage the dialect writes.
+        continuation: this guard guards a url fallback's answer, spliced into a stream the
+            client already has: a rule with ``action: fallback`` acts as ``abort``.
     """
-
-    dialect = DIALECT
 
     def __init__(
         self,
         rules: Sequence[BoundRule],
+        dialect: DialectStream | None = None,
         *,
         start: float = 0.0,
-        identity: Mapping[str, Any] | None = None,
-        continuation: bool = False,
         encoding: BPEEncoding | None = None,
-        include_usage: bool = False,
         prompt_tokens: int | None = None,
-        tokens_before: int = 0,
+        continuation: bool = False,
+        **options: Any,
     ) -> None:
         self._rules = tuple(rules)
         self._text_rules = tuple(rule for rule in self._rules if rule.checks_text)
+        self._field_rules = tuple(rule for rule in self._text_rules if getattr(rule.rule, "scans_fields", False))
         self._timers: list[tuple[BoundRule, Timer]] = [
             (rule, cast(TimedRule, rule.rule).timer(start)) for rule in self._rules if rule.watches_time
         ]
-        self._decoder = SSEDecoder()
-        self._renderer = ChatRenderer(identity)
-        self._continuation = dict(self._renderer.template) if continuation else None
-        self._channels: dict[Channel, _ChannelGuard] = {}
+        if dialect is None:
+            options.setdefault("prompt_tokens", prompt_tokens)
+            dialect = default_stream(continuation=continuation, **options)
+        self.stream = dialect
+        self._frames = frames_for(dialect.framing)
+        self._continuation = continuation
+        self._channels: dict[str, _ChannelGuard] = {}
+        # Output that waits: bytes behind a closing that waits for held text (see _Wait).
+        self._queue: list[bytes | _Wait] = []
+        self._natural_end = False
+        self._clean: dict[str, None] = {}  # strings outside channels already checked and clean
         self._ended = False
         self._reported_unknown = False
         self._encoding = encoding
-        self._owe_usage = include_usage and encoding is not None  # until the stream sends its own
-        self._prompt_tokens = prompt_tokens or 0
+        self._prompt_tokens = prompt_tokens
         self._completion_tokens: int | None = None
-        self._tokens_before = tokens_before
         self.deltas = 0
         self.first_text_at: float | None = None
+
+    # -- the ledger the dialect writes endings from -----------------------------------------
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self._prompt_tokens
+
+    def sent(self, channel: str) -> str:
+        guard = self._channels.get(channel)
+        return "".join(guard.sent) if guard is not None else ""
+
+    def add(self, channel: str, text: str) -> None:
+        guard = self._channels.get(channel)
+        if guard is None:
+            guard = self._channels[channel] = _ChannelGuard(channel, self._text_rules)
+        guard.sent.append(text)
 
     @property
     def ended(self) -> bool:
@@ -241,12 +268,14 @@ class StreamGuard:
         return self._ended
 
     @property
-    def identity(self) -> dict[str, Any]:
-        """The stream's identity as its chunks carry it (``id``, ``object``, ``created``, ``model``...).
+    def dialect(self) -> str:
+        """The name of the stream's dialect (the ``dialect`` metric label)."""
+        return str(getattr(self.stream, "dialect_name", "openai_chat"))
 
-        Pass it to the guard of a continuation, so that its chunks join this stream.
-        """
-        return dict(self._renderer.template)
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The stream's identity (OpenAI chat: ``id``, ``object``, ``created``, ``model``), for a continuation."""
+        return dict(getattr(self.stream, "identity", {}))
 
     def completion_tokens(self) -> int | None:
         """Tokens of the text the client received so far, every channel's counted on its own.
@@ -282,12 +311,14 @@ class StreamGuard:
                 earliest = due
         return earliest
 
+    # -- the shell's calls -------------------------------------------------------------------
+
     def expire(self, now: float) -> list[Output]:
         """Let time-based rules look at the clock; end the stream if one of their limits has passed."""
         if self._ended:
             return []
         out: list[Output] = []
-        wire: list[bytes] = []
+        wire: list[bytes | _Wait] = []
         for rule, timer in self._timers:
             code = timer.expired(now)
             if code is None:
@@ -303,31 +334,26 @@ class StreamGuard:
     def feed(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> list[Output]:
         """Take the next bytes of the body; return what to do about them, in order.
 
-        ``data`` may also be a ``bytearray`` or ``memoryview`` (Starlette's ``StreamingResponse``
-        passes memoryviews through); it is copied, so reusing the buffer afterwards is safe. An
-        event passed through whole goes out as the very ``bytes`` object that brought it.
+        ``data`` may also be a ``bytearray`` or ``memoryview``; it is copied, so reusing the
+        buffer afterwards is safe. An event passed through whole goes out as the very ``bytes``
+        object that brought it.
 
-        Never raises for bad input: malformed or oversized events and failing rules end the
-        stream with an in-dialect error event and an ``Anomaly``.
+        Never raises: malformed or oversized events, failing rules and failures inside the
+        dialect end the stream with an in-dialect error and an ``Anomaly``.
         """
         if self._ended:
             return []
         if type(data) is not bytes:
             data = bytes(data)
         out: list[Output] = []
-        wire: list[bytes] = []
+        wire: list[bytes | _Wait] = []
         try:
-            events = self._decoder.feed(data)
+            frames = self._frames.feed(data)
         except SSEError as exc:
             self._fail(AnomalyKind.OVERSIZED_EVENT, str(exc), "event_too_large", wire, out)
             return self._flush(wire, out)
-        for event in events:
-            try:
-                self._handle(event, now, wire, out)
-            except _Trip as trip:
-                self._trip(trip, wire, out)
-            except RuleError as exc:
-                self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+        for raw, fields in frames:
+            self._guarded(raw, fields, now, wire, out)
             if self._ended:
                 break
         return self._flush(wire, out)
@@ -337,47 +363,41 @@ class StreamGuard:
         if self._ended:
             return []
         out: list[Output] = []
-        wire: list[bytes] = []
+        wire: list[bytes | _Wait] = []
         try:
-            for event in self._decoder.close():
-                wire.append(event.raw)  # only ever the LF of a CRLF split across the last chunks
+            frames = self._frames.close()
         except SSEError:
-            pass  # already reported when it was raised
-        if self._decoder.discarded:
-            out.append(
-                Anomaly(
-                    AnomalyKind.UNTERMINATED_EVENT,
-                    f"{self._decoder.discarded} bytes after the last complete event were dropped",
-                    ended_stream=False,
-                )
-            )
+            frames = []  # already reported when it was raised
+        for raw, fields in frames:
+            if fields is not None and getattr(fields, "data", 0) is None and not raw.strip():
+                wire.append(raw)  # only ever the LF of a CRLF split across the last chunks
+                continue
+            self._guarded(raw, fields, now, wire, out)
+            if self._ended:
+                return self._flush(wire, out)
+        if self._frames.discarded:
+            detail = f"{self._frames.discarded} bytes after the last complete event were dropped"
+            out.append(Anomaly(AnomalyKind.UNTERMINATED_EVENT, detail, ended_stream=False))
         if self._release_held(now, wire, out):
-            self._pay_usage(wire)  # a stream that ended without [DONE] still gets its usage
-            self._ended = True
+            self._end_stream(None, None, wire)
             out.append(Ended(Outcome.COMPLETED))
         return self._flush(wire, out)
 
     def upstream_failed(self, detail: str, now: float = 0.0) -> list[Output]:
-        """The app or upstream failed mid-stream: release what is safe, then end with an error event.
-
-        The openai SDK raises ``APIError`` for the event, rather than a connection error.
-        """
+        """The app or upstream failed mid-stream: release what is safe, then end with an in-dialect error."""
         if self._ended:
             return []
         out: list[Output] = []
-        wire: list[bytes] = []
+        wire: list[bytes | _Wait] = []
         if self._release_held(now, wire, out):
-            self._ended = True
-            message = f"the upstream stream failed: {detail}"
-            wire.append(self._renderer.error(message, type="upstream_error", code="upstream_error"))
+            self._end_stream(
+                Fail("upstream_error", f"the upstream stream failed: {detail}", "upstream_error"), None, wire
+            )
             out.append(Ended(Outcome.UPSTREAM_ERROR))
         return self._flush(wire, out)
 
     def abort(self, now: float = 0.0) -> list[Output]:
-        """End the stream now, as an ``abort`` rule would.
-
-        What is safe is released, every open choice finishes with ``content_filter``, then
-        ``[DONE]``. For a shell that cannot go on, such as one whose url fallback did not answer.
+        """End the stream now, as an ``abort`` rule would: release what is safe, then stop it in its dialect.
 
         Returns:
             The outputs, ending with ``Ended(Outcome.ABORTED)`` (or with what ended the stream
@@ -386,90 +406,148 @@ class StreamGuard:
         if self._ended:
             return []
         out: list[Output] = []
-        wire: list[bytes] = []
+        wire: list[bytes | _Wait] = []
         if self._release_held(now, wire, out):
-            self._ended = True
-            wire.append(self._renderer.finish("content_filter"))
-            self._pay_usage(wire)
-            wire.append(self._renderer.done())
+            self._end_stream(Stop(StopReason.POLICY), None, wire)
             out.append(Ended(Outcome.ABORTED))
         return self._flush(wire, out)
 
-    # -- events ---------------------------------------------------------------------------
+    # -- frames -----------------------------------------------------------------------------
 
-    def _handle(self, event: SSEEvent, now: float, wire: list[bytes], out: list[Output]) -> None:
-        parsed = parse(event)
-        if self._owe_usage and parsed.obj is not None and parsed.obj.get("usage"):
-            self._owe_usage = False  # the stream's own usage chunk passes through unchanged
-        if self._continuation is not None:
-            adopted = _adopt(parsed, self._continuation)
-            if adopted is None:
-                return
-            parsed = adopted
+    def _guarded(self, raw: bytes, fields: Any, now: float, wire: list[bytes | _Wait], out: list[Output]) -> None:
+        """Handle one frame; whatever fails ends the stream in its dialect, never escapes."""
+        mark = len(wire)
+        try:
+            self._handle(self.stream.parse(raw, fields), now, wire, out)
+        except _Trip as trip:
+            self._trip(trip, wire, out)
+        except RuleError as exc:
+            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+        except _Unreadable as exc:
+            del wire[mark:]
+            self._fail(AnomalyKind.MALFORMED_EVENT, str(exc), "malformed_event", wire, out)
+        except Exception as exc:  # a bug or a shape nobody foresaw: fail closed, never leak
+            del wire[mark:]
+            detail = f"{type(exc).__name__} while reading an event"
+            self._fail(AnomalyKind.MALFORMED_EVENT, detail, "malformed_event", wire, out)
+
+    def _handle(self, parsed: Parsed, now: float, wire: list[bytes | _Wait], out: list[Output]) -> None:
+        if parsed.others:
+            self._check_others(parsed.others, out)
         kind = parsed.kind
-        if kind is EventKind.CHUNK:
-            self._renderer.observe(parsed)
-            self._handle_chunk(parsed, now, wire, out)
+        if kind is EventKind.TEXT:
+            self._handle_text(parsed, now, wire, out)
         elif kind is EventKind.PASS:
-            self._renderer.observe(parsed)
-            wire.append(event.raw)
-        elif kind is EventKind.DONE:
-            self._flush_channels(self._channels.values(), now, wire, out)
-            self._pay_usage(wire)
-            wire.append(event.raw)
+            if parsed.raw:
+                wire.append(parsed.raw)
+        elif kind is EventKind.END:
+            self._flush_channels(now, wire, out)
+            self._end_stream(None, parsed, wire)
+            out.append(Ended(Outcome.COMPLETED))
         elif kind is EventKind.ERROR:
-            self._flush_channels(self._channels.values(), now, wire, out)
-            wire.append(event.raw)
+            self._flush_channels(now, wire, out)
+            wire.append(self.stream.rewrite(parsed, {}, self) if self.stream.framing is Framing.JSON else parsed.raw)
         elif kind is EventKind.UNKNOWN:
             if not self._reported_unknown:
                 self._reported_unknown = True
-                out.append(Anomaly(AnomalyKind.UNKNOWN_EVENT, "an event that is not a chat completion chunk", False))
-            wire.append(event.raw)
+                detail = f"an event this dialect does not know ({parsed.detail}), passed through"
+                out.append(Anomaly(AnomalyKind.UNKNOWN_EVENT, detail, False))
+            wire.append(parsed.raw)
         else:
-            self._fail(AnomalyKind.MALFORMED_EVENT, "an event whose data is not JSON", "malformed_event", wire, out)
+            raise _Unreadable(parsed.detail or "an event that cannot be read")
 
-    def _handle_chunk(self, parsed: ParsedEvent, now: float, wire: list[bytes], out: list[Output]) -> None:
+    def _handle_text(self, parsed: Parsed, now: float, wire: list[bytes | _Wait], out: list[Output]) -> None:
         texts: dict[int, str] = {}
         whole = True
-        finishing = set(parsed.finished)
+        last: dict[str, int] = {}  # channel: its last piece in this event
+        number = -1
         try:
             for number, piece in enumerate(parsed.pieces):
                 channel = self._channel(piece.channel)
-                final = piece.channel.choice in finishing
                 self.deltas += 1  # checked by every rule, even if it trips one
-                released = channel.feed(piece.text, final=final, out=out, now=now)
+                released = channel.feed(piece.text, final=False, out=out, now=now)
                 for _, timer in self._timers:
                     timer.content(now)
                 texts[number] = released
+                last[piece.channel] = number
                 whole = whole and released == piece.text
+            late: list[bytes] = []
+            for name in parsed.ends:
+                ending = self._channels.get(name)
+                if ending is None or ending.finished:
+                    continue
+                number = last.get(name, -1)
+                released = ending.feed("", final=True, out=out, now=now)
+                if not released:
+                    continue
+                if number >= 0:
+                    texts[number] += released
+                    whole = False
+                else:
+                    late.append(self.stream.text(name, released))
         except _Trip as trip:
-            texts[number] = trip.released
-            rewritten = self._renderer.rewrite(parsed, texts, keep_finish=False)
-            if rewritten is not None:
-                wire.append(rewritten)
+            if number >= 0:
+                texts[number] = texts.get(number, "") + trip.released
+            elif trip.released:
+                wire.append(self.stream.text(trip.channel, trip.released))
             trip.released = ""
+            rewritten = self.stream.rewrite(parsed, texts, self, closing=False)
+            if rewritten:
+                wire.append(rewritten)
             raise
-        if finishing:
-            fed = {piece.channel for piece in parsed.pieces}
-            closing = [c for c in self._channels.values() if c.channel.choice in finishing and c.channel not in fed]
-            self._flush_channels(closing, now, wire, out)
-        if whole:
-            wire.append(parsed.event.raw)
+        wire.extend(late)
+        if parsed.waits and self._holding(parsed.waits):
+            # The event closes channels that still hold text: its text goes now, its closing
+            # part once that text has gone out (text may still continue those channels).
+            rewritten = self.stream.rewrite(parsed, texts, self, closing=False)
+            if rewritten:
+                wire.append(rewritten)
+            wire.append(_Wait(parsed.waits, parsed))
+        elif whole and self.stream.framing is not Framing.JSON:
+            wire.append(parsed.raw)
+        elif whole:
+            wire.append(parsed.raw)
         else:
-            rewritten = self._renderer.rewrite(parsed, texts)
-            if rewritten is not None:
+            rewritten = self.stream.rewrite(parsed, texts, self)
+            if rewritten:
                 wire.append(rewritten)
         if self.first_text_at is None and any(texts.values()):
             self.first_text_at = now
 
-    def _release_held(self, now: float, wire: list[bytes], out: list[Output]) -> bool:
+    def _check_others(self, others: Sequence[str], out: list[Output]) -> None:
+        """Check every string outside channels whole: a match there ends the stream.
+
+        Such text cannot be held back and released in part (an ``id``, a comment, an error's
+        message): a hit by any rule but a ``log`` one ends the stream before the frame goes out.
+        """
+        clean = self._clean
+        for text in others:
+            if text in clean:
+                continue
+            for rule in self._field_rules:
+                checker = cast(Rule, rule.rule).checker()
+                try:
+                    hits = checker.feed(text).hits + checker.finish().hits
+                except Exception as exc:
+                    raise RuleError(rule.name, f"{type(exc).__name__}: {exc}") from exc
+                if not hits:
+                    continue
+                hit = hits[0]
+                out.append(Intervention(rule.name, rule.action, "event", hit.start, hit.end, 0, hit.detail))
+                if rule.action is not Action.LOG:
+                    raise _Trip(rule, "", "event")
+            if len(clean) >= _CLEAN_STRINGS:
+                clean.clear()
+            clean[text] = None
+
+    def _release_held(self, now: float, wire: list[bytes | _Wait], out: list[Output]) -> bool:
         """End every channel: what was held only because more text might complete a match is safe now.
 
         Returns False if that ended the stream instead (a pending match turned out final and
         tripped its rule, or a rule failed).
         """
         try:
-            self._flush_channels(self._channels.values(), now, wire, out)
+            self._flush_channels(now, wire, out)
         except _Trip as trip:
             self._trip(trip, wire, out)
             return False
@@ -478,97 +556,111 @@ class StreamGuard:
             return False
         return True
 
-    def _channel(self, channel: Channel) -> _ChannelGuard:
-        guard = self._channels.get(channel)
-        if guard is None or guard.finished:  # text after a finish starts the channel afresh
-            guard = self._channels[channel] = _ChannelGuard(channel, self._text_rules)
+    def _channel(self, name: str) -> _ChannelGuard:
+        guard = self._channels.get(name)
+        if guard is None:
+            guard = self._channels[name] = _ChannelGuard(name, self._text_rules)
+        elif guard.finished:
+            raise _Unreadable(f"text on {name} after the event that ended it")
         return guard
 
-    def _flush_channels(
-        self, channels: Iterable[_ChannelGuard], now: float, wire: list[bytes], out: list[Output]
-    ) -> None:
-        for channel in list(channels):
+    def _flush_channels(self, now: float, wire: list[bytes | _Wait], out: list[Output]) -> None:
+        for channel in list(self._channels.values()):
             if channel.finished:
                 continue
             try:
                 released = channel.feed("", final=True, out=out, now=now)
             except _Trip as trip:
                 if trip.released:
-                    wire.append(self._renderer.text(channel.channel, trip.released))
+                    self._before_wait(channel.name, self.stream.text(channel.name, trip.released), wire)
                     trip.released = ""
                 raise
             if released:
-                wire.append(self._renderer.text(channel.channel, released))
+                self._before_wait(channel.name, self.stream.text(channel.name, released), wire)
                 if self.first_text_at is None:
                     self.first_text_at = now
 
     # -- endings --------------------------------------------------------------------------
 
-    def _trip(self, trip: _Trip, wire: list[bytes], out: list[Output]) -> None:
-        rule = trip.rule
+    def _end_stream(self, ending: Ending | None, parsed: Parsed | None, wire: list[bytes | _Wait]) -> None:
+        """Write the stream's ending: its own (``ending`` None), or one the guard decided.
+
+        Closings still waiting go out before a natural end; an ending the guard decides closes
+        those channels its own way instead.
+        """
         self._ended = True
+        self._natural_end = ending is None
+        wire.append(self.stream.end(ending, self, parsed))
+
+    def _trip(self, trip: _Trip, wire: list[bytes | _Wait], out: list[Output]) -> None:
+        rule = trip.rule
         if self._fall_back(rule, Outcome.FALLBACK, wire, out):
             return
-        wire.append(self._renderer.finish(_stop_reason(rule)))
-        self._pay_usage(wire)
-        wire.append(self._renderer.done())
+        self._end_stream(Stop(_stop_reason(rule)), None, wire)
         out.append(Ended(Outcome.ABORTED, rule.name))
 
-    def _time_out(self, rule: BoundRule, code: str, wire: list[bytes], out: list[Output]) -> None:
-        self._ended = True
+    def _time_out(self, rule: BoundRule, code: str, wire: list[bytes | _Wait], out: list[Output]) -> None:
         if self._fall_back(rule, Outcome.TIMEOUT, wire, out):
             return
         message = f"guardrail ended the stream: {_TIMEOUT_MESSAGES.get(code, code)} (rule {rule.name!r})"
-        wire.append(self._renderer.error(message, type="timeout", code=code))
+        self._end_stream(Fail(code, message, "timeout"), None, wire)
         out.append(Ended(Outcome.TIMEOUT, rule.name))
 
-    def _fall_back(self, rule: BoundRule, outcome: Outcome, wire: list[bytes], out: list[Output]) -> bool:
+    def _fall_back(self, rule: BoundRule, outcome: Outcome, wire: list[bytes | _Wait], out: list[Output]) -> bool:
         """End with the rule's fallback if it has one: stream its text, or hand its url to the shell."""
-        fallback = self._fallback_of(rule)
+        fallback = None if self._continuation else rule.fallback  # a second trip aborts
         if rule.action is not Action.FALLBACK or fallback is None:
             return False
         if fallback.url is not None:
+            self._ended = True  # closings still waiting are dropped: the fallback's answer continues those channels
             out.append(Ended(outcome, rule.name, fallback))  # the shell streams the other upstream
             return True
         if fallback.text is None:
             return False
-        wire.append(self._fallback_text(fallback.text))
-        self._pay_usage(wire)
-        wire.append(self._renderer.done())
+        self._end_stream(FallbackText(fallback.text), None, wire)
         out.append(Ended(outcome, rule.name))
         return True
 
-    def _fallback_text(self, text: str) -> bytes:
-        # The fallback answer continues every open choice's content: the client receives it there.
-        for index in list(self._renderer.open_choices) or [0]:
-            channel = Channel(index, "content")
-            guard = self._channels.get(channel)  # finished or not: its text goes on here
-            if guard is None:
-                guard = self._channels[channel] = _ChannelGuard(channel, self._text_rules)
-            guard.sent.append(text)
-        return self._renderer.fallback(text)
-
-    def _pay_usage(self, wire: list[bytes]) -> None:
-        if self._owe_usage:
-            self._owe_usage = False
-            completion = self._tokens_before + (self.completion_tokens() or 0)
-            wire.append(self._renderer.usage(self._prompt_tokens, completion))
-
-    def _fallback_of(self, rule: BoundRule) -> Fallback | None:
-        # A continuation is already the fallback: a second trip aborts rather than branching again.
-        return None if self._continuation is not None else rule.fallback
-
-    def _fail(self, kind: AnomalyKind, detail: str, code: str, wire: list[bytes], out: list[Output]) -> None:
-        self._ended = True
+    def _fail(self, kind: AnomalyKind, detail: str, code: str, wire: list[bytes | _Wait], out: list[Output]) -> None:
         out.append(Anomaly(kind, detail, ended_stream=True))
-        wire.append(self._renderer.error(f"guardrail ended the stream: {detail}", type="guardrail_error", code=code))
+        self._ended = True
+        wire.append(self.stream.end(Fail(code, f"guardrail ended the stream: {detail}"), self, None))
         outcome = Outcome.UPSTREAM_ERROR if kind is not AnomalyKind.RULE_ERROR else Outcome.ABORTED
         out.append(Ended(outcome))
 
-    @staticmethod
-    def _flush(wire: list[bytes], out: list[Output]) -> list[Output]:
+    def _holding(self, prefixes: tuple[str, ...]) -> bool:
+        return any(guard.pending and name.startswith(prefixes) for name, guard in self._channels.items())
+
+    def _before_wait(self, channel: str, data: bytes, wire: list[bytes | _Wait]) -> None:
+        """Put text released late on ``channel`` before the first closing that waits for it."""
+        for items in (self._queue, wire):
+            for position, item in enumerate(items):
+                if type(item) is _Wait and channel.startswith(item.waits):
+                    items.insert(position, data)
+                    return
+        wire.append(data)
+
+    def _flush(self, wire: list[bytes | _Wait], out: list[Output]) -> list[Output]:
+        """Hand ``wire`` to the client in order, up to the first closing that still waits for held text."""
+        if self._queue:
+            wire = [*self._queue, *wire]
+            self._queue = []
+        if self._ended:  # a natural end writes what waited; an ending the guard decided closes its own way
+            wire = [
+                item if type(item) is not _Wait else self.stream.closing(item.parsed, self)
+                for item in wire
+                if type(item) is not _Wait or self._natural_end
+            ]
+        else:
+            for position, item in enumerate(wire):
+                if type(item) is _Wait:
+                    if self._holding(item.waits):
+                        self._queue = wire[position:]
+                        wire = wire[:position]
+                        break
+                    wire[position] = self.stream.closing(item.parsed, self)
         # One piece, nearly always an event passed through whole, goes out as the very bytes that came in.
-        data = wire[0] if len(wire) == 1 else b"".join(wire)
+        data = cast(bytes, wire[0]) if len(wire) == 1 else b"".join(cast(list[bytes], wire))
         if data:
             # Ended, if present, comes last: the bytes before it still go out.
             if out and isinstance(out[-1], Ended):
@@ -578,6 +670,17 @@ class StreamGuard:
         return out
 
 
+class _Wait(NamedTuple):
+    """A frame's closing part, waiting until the channels named by ``waits`` hold nothing back."""
+
+    waits: tuple[str, ...]
+    parsed: Parsed
+
+
+# Strings outside channels (ids, model names, comments) repeat on every event: each is checked
+# once per stream. The cache is cleared when full, so a stream of ever-new strings costs a check each.
+_CLEAN_STRINGS = 1024
+
 _TIMEOUT_MESSAGES = {
     "idle_timeout": "the model sent no text for too long",
     "first_token_timeout": "the model took too long to start answering",
@@ -585,28 +688,5 @@ _TIMEOUT_MESSAGES = {
 }
 
 
-def _stop_reason(rule: BoundRule) -> str:
-    reason = getattr(rule.rule, "stop_reason", "content_filter")
-    return reason if isinstance(reason, str) else "content_filter"
-
-
-def _adopt(parsed: ParsedEvent, identity: Mapping[str, Any]) -> ParsedEvent | None:
-    """A continuation's event as the first stream would carry it: its identity, and no role delta.
-
-    Returns None for an event left with nothing to say (the continuation's own role chunk).
-    """
-    obj = parsed.obj
-    if obj is None or parsed.kind not in (EventKind.CHUNK, EventKind.PASS):
-        return parsed
-    adopted = {**obj, **identity}
-    choices = adopted.get("choices")
-    dropped_role = False
-    for choice in choices if isinstance(choices, list) else ():
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and delta.pop("role", None) is not None:
-            dropped_role = True
-    said = isinstance(choices, list) and any(carries_something(choice) for choice in choices)
-    if dropped_role and parsed.kind is EventKind.PASS and not adopted.get("usage") and not said:
-        return None
-    data = dumps(adopted)
-    return parse(SSEEvent(encode_event(data), data))
+def _stop_reason(rule: BoundRule) -> StopReason:
+    return StopReason.LENGTH if getattr(rule.rule, "stop_reason", None) == "length" else StopReason.POLICY

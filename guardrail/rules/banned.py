@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import regex
 
-from guardrail.core.rule import Hit, Verdict
+from guardrail.core.rule import Checker, Hit, Verdict
+from guardrail.rules.phrases import UNSPACED, PhraseIndex, indexable
 
 # Regexes run inside the event loop, after every delta: a pathological pattern must not stall
 # every stream on the process. 50 ms is ~1000x the cost of an ordinary scan.
@@ -85,10 +86,16 @@ def phrase_pattern(phrase: str) -> str:
     if not words:
         raise ValueError("phrase is empty")
     body = r"\s+".join(regex.escape(word) for word in words)
-    # Bound only the edges made of word characters: "@admin" should still match "to @admin".
-    left = r"(?<!\w)" if _WORD_CHAR.match(words[0][0]) else ""
-    right = r"(?!\w)" if _WORD_CHAR.match(words[-1][-1]) else ""
+    # Bound only the edges made of word characters: "@admin" should still match "to @admin". Scripts
+    # written without spaces between words (Hangul, Han, Kana, Thai...) attach particles and
+    # neighbours to a word, so "비밀번호" must match in "비밀번호는": no boundary at such an edge.
+    left = r"(?<!\w)" if _bounded(words[0][0]) else ""
+    right = r"(?!\w)" if _bounded(words[-1][-1]) else ""
     return f"{left}(?i:{body}){right}"
+
+
+def _bounded(char: str) -> bool:
+    return _WORD_CHAR.match(char) is not None and UNSPACED.match(char) is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,14 +278,20 @@ class BannedPatterns:
 
     Args:
         patterns: regular expressions, compiled once here.
-        phrases: literal phrases, matched case-insensitively on word boundaries; a run of
-            whitespace in a phrase matches any run of whitespace in the text.
+        phrases: literal phrases, matched case-insensitively on word boundaries (none at an
+            edge written in a script without spaces, such as Hangul or Han); a run of
+            whitespace in a phrase matches any run of whitespace in the text. Phrases made of
+            word characters go to a word index (:mod:`guardrail.rules.phrases`), so that
+            thousands of them cost about what one does.
         timeout: seconds one search may run before the rule fails (and the guard fails closed).
 
     Raises:
         ValueError: a pattern is invalid or matches the empty string, a phrase is empty, or
             both lists are empty.
     """
+
+    # Strings outside text channels (ids, error messages, comments) are checked with this rule too.
+    scans_fields = True
 
     def __init__(
         self,
@@ -291,24 +304,59 @@ class BannedPatterns:
             raise ValueError("banned_patterns needs at least one pattern or phrase")
         for pattern in patterns:
             compile_pattern(pattern)
+        self.patterns = tuple(patterns)
+        self.phrases = tuple(phrases)
         alternatives = [(p, f"pattern {p!r}") for p in patterns]
-        alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases]
+        indexed = [phrase for phrase in phrases if indexable(phrase)]
+        alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases if not indexable(p)]
+        self._index = PhraseIndex(indexed) if indexed else None
         self._searchers = _build_searchers(alternatives)
-        self._prefilter = _prefilter([source for source, _ in alternatives])
+        # Each alternative alone, to find a match that starts inside another's hit (see _overlapping).
+        self._singles = tuple(_searcher(s, (label,)) for s, label in alternatives) if len(alternatives) > 1 else ()
+        self._prefilter = _prefilter([source for source, _ in alternatives]) if alternatives else None
         self._timeout = timeout
 
-    def checker(self) -> BannedPatternsChecker:
+    def checker(self) -> Checker:
         """A fresh checker for one channel of one stream."""
-        return BannedPatternsChecker(self._searchers, self._prefilter, self._timeout)
+        if not self._searchers:
+            assert self._index is not None
+            return self._index.checker()
+        checker = BannedPatternsChecker(self._searchers, self._prefilter, self._timeout, self._singles)
+        return checker if self._index is None else _Both(checker, self._index.checker())
+
+
+class _Both:
+    """The regex checker and the phrase index's, as one: the lesser safe offset, every hit."""
+
+    __slots__ = ("_first", "_second")
+
+    def __init__(self, first: Checker, second: Checker) -> None:
+        self._first = first
+        self._second = second
+
+    def feed(self, text: str) -> Verdict:
+        one, two = self._first.feed(text), self._second.feed(text)
+        return Verdict(min(one.safe, two.safe), one.hits + two.hits)
+
+    def finish(self) -> Verdict:
+        one, two = self._first.finish(), self._second.finish()
+        return Verdict(min(one.safe, two.safe), one.hits + two.hits)
 
 
 class BannedPatternsChecker:
     """Per-channel scan state: the unscanned tail of the text and where the next scan starts."""
 
-    __slots__ = ("_base", "_prefilter", "_scan", "_searchers", "_tail", "_timeout")
+    __slots__ = ("_base", "_prefilter", "_scan", "_searchers", "_singles", "_tail", "_timeout")
 
-    def __init__(self, searchers: tuple[_Searcher, ...], prefilter: re.Pattern[str] | None, timeout: float) -> None:
+    def __init__(
+        self,
+        searchers: tuple[_Searcher, ...],
+        prefilter: re.Pattern[str] | None,
+        timeout: float,
+        singles: tuple[_Searcher, ...] = (),
+    ) -> None:
         self._searchers = searchers
+        self._singles = singles
         self._prefilter = prefilter
         self._timeout = timeout
         self._tail = ""  # the text from offset _base on
@@ -354,6 +402,24 @@ class BannedPatternsChecker:
                 best = (match, searcher)
         return best
 
+    def _overlapping(self, start: int, stop: int, label: str, final: bool) -> tuple[int, int, str, bool] | None:
+        """The earliest match of another alternative that starts inside ``[start, stop)`` and ends after it."""
+        best: tuple[int, int, str, bool] | None = None
+        end = len(self._tail)
+        for single in self._singles:
+            if single.labels[0] == label:
+                continue
+            try:
+                match = single.pattern.search(self._tail, start + 1, partial=not final, timeout=self._timeout)
+            except TimeoutError:
+                match = self._search_again(single, start + 1, final)
+            if match is None or match.start() >= stop or (match.end() <= stop and not match.partial):
+                continue
+            pending = match.partial or (not final and match.end() + LOOKAHEAD_CHARS > end)
+            if best is None or match.start() < best[0]:
+                best = (match.start(), match.end(), single.labels[0], pending)
+        return best
+
     def _search_again(self, searcher: _Searcher, pos: int, final: bool) -> regex.Match[str] | None:
         try:
             return searcher.pattern.search(self._tail, pos, partial=not final, timeout=self._timeout)
@@ -383,8 +449,22 @@ class BannedPatternsChecker:
             elif stop == start:
                 pos = start + 1  # a zero-width match bans nothing
                 continue
-            hits.append(Hit(self._base + start, self._base + stop, searcher.label(match)))
+            label = searcher.label(match)
+            hits.append(Hit(self._base + start, self._base + stop, label))
             pos = stop
+            # Another alternative may start inside this hit and reach past it: a key written
+            # straight before "-----BEGIN RSA PRIVATE KEY-----" must not hide the PEM block.
+            while (inner := self._overlapping(start, stop, label, final)) is not None:
+                start, stop, label, pending = inner
+                if pending and end - start <= MAX_MATCH_CHARS:
+                    pos = start
+                    break
+                stop = end if pending else stop
+                hits.append(Hit(self._base + start, self._base + stop, label))
+                pos = stop
+            else:
+                continue
+            break
         self._scan = self._base + pos
         cut = max(0, pos - LOOKBEHIND_CHARS)
         if cut:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from guardrail.core.dialects._openai import chat_prompt_tokens
 from guardrail.core.rule import Hit, Verdict
 from guardrail.core.tokens import BPEEncoding, TokenCounter
 
@@ -25,48 +26,11 @@ NEAR_BUDGET_TOKENS = 16
 # the stream (a model emitting that is broken), failing closed rather than stalling the loop.
 MAX_UNSETTLED_CHARS = 16384
 
-# Per-message overhead of OpenAI's chat format, as in OpenAI's cookbook ("How to count tokens
-# with tiktoken"): every message is wrapped in 3 tokens, a name adds 1, and every reply is
-# primed with 3 more.
-TOKENS_PER_MESSAGE = 3
-TOKENS_PER_NAME = 1
-TOKENS_REPLY_PRIMING = 3
-
 
 def count_prompt_tokens(payload: Mapping[str, Any], encoding: BPEEncoding) -> int:
-    """Tokens of an OpenAI chat request's messages: their text parts plus the per-message overhead.
-
-    Counted: each message's ``role``, ``name`` and text (a string ``content``, or the ``text`` of
-    its ``{"type": "text"}`` parts), plus :data:`TOKENS_PER_MESSAGE` per message,
-    :data:`TOKENS_PER_NAME` per name and :data:`TOKENS_REPLY_PRIMING` once. Not counted: images,
-    audio, tool definitions and tool-call arguments, which providers price their own ways.
-    """
-    messages = payload.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    total = TOKENS_REPLY_PRIMING
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        total += TOKENS_PER_MESSAGE
-        for key in ("role", "name"):
-            value = message.get(key)
-            if isinstance(value, str):
-                total += len(encoding.encode_ordinary(value)) + (TOKENS_PER_NAME if key == "name" else 0)
-        total += sum(len(encoding.encode_ordinary(text)) for text in _texts(message.get("content")))
-    return total
-
-
-def _texts(content: object) -> list[str]:
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, list):
-        return [
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        ]
-    return []
+    """Tokens of an OpenAI chat request's messages (see :func:`~guardrail.core.dialects._openai.chat_prompt_tokens`)."""
+    encode = encoding.encode_ordinary
+    return chat_prompt_tokens(payload, lambda text: len(encode(text)))
 
 
 class TokenBudget:

@@ -1,0 +1,73 @@
+"""What OpenAI's two streaming APIs (chat completions, Responses) share: the error envelope,
+usage options, and the strings of an SSE block outside its data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from guardrail.core import jsontext
+from guardrail.core.sse import SSEEvent
+
+# Per-message overhead of the chat format, as in OpenAI's cookbook ("How to count tokens with
+# tiktoken"): every message is wrapped in 3 tokens, a name adds 1, every reply is primed with 3.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_REPLY_PRIMING = 3
+
+
+def error(message: str, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope: the SDKs raise their typed errors from it."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_body(code: str, message: str, param: str | None = None, type: str = "invalid_request_error") -> bytes:
+    return jsontext.dumps(error(message, type, code, param)).encode()
+
+
+def include_usage(payload: Mapping[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def sse_others(event: SSEEvent | None) -> tuple[str, ...]:
+    """The strings an SSE block shows a client besides its data: ``event``, ``id``, comments."""
+    if event is None or (event.event is None and event.id is None and not event.comments):
+        return ()
+    return tuple(value for value in (event.event, event.id, *event.comments) if value)
+
+
+def texts(content: object) -> list[str]:
+    """The text of a message's ``content``: a string, or the ``text`` of its text parts."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    return []
+
+
+def chat_prompt_tokens(payload: Mapping[str, Any], count: Callable[[str], int]) -> int:
+    """Tokens of a chat request's messages: their text plus the per-message overhead.
+
+    Counted: each message's ``role``, ``name`` and text (a string ``content``, or the ``text`` of
+    its parts), plus :data:`TOKENS_PER_MESSAGE` per message, :data:`TOKENS_PER_NAME` per name and
+    :data:`TOKENS_REPLY_PRIMING` once. Not counted: images, audio, tool definitions and tool-call
+    arguments, which providers price their own ways.
+    """
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    total = TOKENS_REPLY_PRIMING
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += TOKENS_PER_MESSAGE
+        for key in ("role", "name"):
+            value = message.get(key)
+            if isinstance(value, str):
+                total += count(value) + (TOKENS_PER_NAME if key == "name" else 0)
+        content = message.get("content")
+        if isinstance(content, list):  # only text parts: images and audio are priced their own ways
+            content = [part for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        total += sum(count(text) for text in texts(content))
+    return total
