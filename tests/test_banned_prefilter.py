@@ -14,7 +14,7 @@ import regex
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from guardrail.core.rule import Verdict
+from guardrail.core.rule import Checker, Verdict
 from guardrail.rules.banned import PROBED_BELOW, BannedPatterns, BannedPatternsChecker, phrase_pattern
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +141,7 @@ def test_a_pattern_that_looks_back_past_its_start_runs_on_every_delta() -> None:
     assert prefilter_of([r"(?<=key=)[a-z]{4}"]) is None
 
 
-def scan(checker: BannedPatternsChecker, pieces: list[str]) -> list[Verdict]:
+def scan(checker: Checker, pieces: list[str]) -> list[Verdict]:
     return [checker.feed(piece) for piece in pieces] + [checker.finish()]
 
 
@@ -152,7 +152,7 @@ def test_verdicts_are_the_same_with_and_without_the_prefilter(text: str, cuts: l
     bounds = sorted({0, len(text), *(cut for cut in cuts if cut < len(text))})
     pieces = [text[start:end] for start, end in zip(bounds, bounds[1:], strict=False)]
     filtered = rule.checker()
-    unfiltered = BannedPatternsChecker(rule._searchers, None, rule._timeout)
+    unfiltered = BannedPatternsChecker(rule._searchers, None, rule._timeout, rule._singles)
     assert scan(filtered, pieces) == scan(unfiltered, pieces)
 
 

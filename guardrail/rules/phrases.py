@@ -91,7 +91,7 @@ class PhraseChecker:
             found = self._rest(stop, candidates, final)
             if found is None:
                 continue
-            if found == -1:
+            if isinstance(found, int):  # the text may still complete a phrase here
                 resume = held = start
                 break
             hit_end, label = found
