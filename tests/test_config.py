@@ -207,7 +207,7 @@ def test_problems_are_sorted_by_file_then_line() -> None:
     assert problems(text) == [
         "r.yaml:6: rules[0].fallback: unknown fallback 'missing'; defined fallbacks: f",
         "r.yaml:8: rules[0].extra: unknown key 'extra'; allowed here: name, type, action, fallback, replacement, "
-        "holdback, patterns, phrases",
+        "holdback, patterns, phrases, normalize",
         "r.yaml:9: rules[1].name: duplicate rule name 'b'; it is already used at line 3 (names must be unique)",
         "r.yaml:11: rules[1].patterns[0]: pattern 'a|' matches the empty string, so it would match everywhere",
         "r.yaml:14: fallbacks.f.txt: unknown key 'txt'; did you mean 'text'?",
@@ -397,7 +397,7 @@ RULE = "  - name: r\n    type: banned_patterns\n    phrases: [x]\n    action: lo
             HEADER + "  - name: r\n    type: banned_patterns\n    phrases: [x]\n    action: log\n    options: {}\n",
             [
                 "r.yaml:7: rules[0].options: unknown key 'options'; allowed here: name, type, action, fallback, "
-                "replacement, holdback, patterns, phrases"
+                "replacement, holdback, patterns, phrases, normalize"
             ],
             id="options-on-builtin",
         ),

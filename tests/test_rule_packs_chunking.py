@@ -35,6 +35,8 @@ def banned_rules(pack: str) -> list[BoundRule]:
 class Unfiltered:
     """A banned_patterns rule with its prefilter off: every piece of text is searched."""
 
+    scans_fields = True
+
     def __init__(self, rule: BannedPatterns) -> None:
         self.rule = rule
 

@@ -145,6 +145,11 @@ class BannedPatternsSpec(RuleSpec):
     phrases: list[Phrase] = Field(
         default_factory=list, description="Literal phrases, case-insensitive and word-bounded."
     )
+    normalize: bool = Field(
+        default=False,
+        description="Match through Unicode tricks: ignore zero-width and other default-ignorable characters, "
+        "fold compatibility forms (fullwidth letters, ligatures) and drop combining marks.",
+    )
 
     @model_validator(mode="after")
     def _needs_something_to_ban(self) -> BannedPatternsSpec:
@@ -244,7 +249,7 @@ class BuiltinType(Generic[SpecT]):
 
 
 def _build_banned_patterns(spec: BannedPatternsSpec, tokenizer: str) -> Rule:
-    return BannedPatterns(patterns=spec.patterns, phrases=spec.phrases)
+    return BannedPatterns(patterns=spec.patterns, phrases=spec.phrases, normalize=spec.normalize)
 
 
 def _build_token_budget(spec: TokenBudgetSpec, tokenizer: str) -> Rule:

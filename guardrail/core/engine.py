@@ -38,6 +38,7 @@ acts as ``abort`` there, so a second trip ends the stream instead of branching a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
@@ -59,6 +60,12 @@ from guardrail.core.rule import Action, BoundRule, Checker, Hit, Rule, TimedRule
 from guardrail.core.tokens import BPEEncoding
 from guardrail.exceptions import RuleError, SSEError
 
+# Characters of sent text before a cut that the check of the cut sees (for lookbehinds).
+_EDGE_CONTEXT = 256
+
+# The run of text that ends the released text, when it is not whitespace.
+_GLUED = re.compile(r"\S+\Z")
+
 # When two hits start at the same offset, the stronger action wins.
 _PRECEDENCE = {Action.ABORT: 0, Action.FALLBACK: 0, Action.REDACT: 1, Action.LOG: 2}
 
@@ -76,31 +83,56 @@ class _Unreadable(Exception):
     """A frame the dialect cannot read, or one that breaks the stream's structure."""
 
 
+class _Check:
+    """One rule's checker on one channel, and its view of the text after the last replacement.
+
+    The ``view`` checker (see ``_ChannelGuard._watch``) reads what the client sees after a
+    replacement; ``view_shift`` maps its offsets onto the channel's. It retires once the text
+    it reads is far enough past the replacement to read the same as the original.
+    """
+
+    __slots__ = ("checker", "holds", "rule", "safe", "view", "view_safe", "view_shift", "view_until")
+
+    def __init__(self, rule: BoundRule, holds: bool) -> None:
+        self.rule = rule
+        self.checker: Checker = cast(Rule, rule.rule).checker()
+        self.holds = holds
+        self.safe = 0
+        self.view: Checker | None = None
+        self.view_shift = 0
+        self.view_safe = 0
+        self.view_until = 0
+
+
 class _ChannelGuard:
     """The rules, held text and release state of one channel."""
 
     __slots__ = (
         "checkers",
+        "final",
         "finished",
         "held_since",
         "hits",
+        "last_hit",
         "name",
         "pending",
         "received",
         "redacted_until",
         "released",
+        "restarted",
         "sent",
     )
 
     def __init__(self, name: str, rules: Sequence[BoundRule]) -> None:
         self.name = name
-        # (rule, checker, holds): shadow-mode (log) rules never hold text back, so that they
-        # change neither what the client sees nor when.
-        self.checkers: tuple[tuple[BoundRule, Checker, bool], ...] = tuple(
-            (rule, cast(Rule, rule.rule).checker(), rule.holdback and rule.action is not Action.LOG)
-            for rule in rules
-            if rule.checks_text
+        # Shadow-mode (log) rules never hold text back, so that they change neither what the
+        # client sees nor when.
+        self.checkers = tuple(
+            _Check(rule, rule.holdback and rule.action is not Action.LOG) for rule in rules if rule.checks_text
         )
+        self.final = False
+        self.restarted = False
+        self.last_hit: tuple[int, int, str] | None = None
         self.hits: list[tuple[Hit, BoundRule]] = []
         self.pending = ""  # text from offset `released` on, not yet sent
         self.received = 0
@@ -121,17 +153,20 @@ class _ChannelGuard:
         self.pending += text
         self.received += len(text)
         if final:
-            self.finished = True
+            self.finished = self.final = True
         frontier = self.received
-        for rule, checker, holds in self.checkers:
+        for check in self.checkers:
             try:
-                verdict: Verdict = checker.finish() if final else checker.feed(text)
+                verdict: Verdict = check.checker.finish() if final else check.checker.feed(text)
                 safe, hits = verdict
+                if check.view is not None:
+                    safe = min(safe, self._view_feed(check, text, final))
             except Exception as exc:
-                raise RuleError(rule.name, f"{type(exc).__name__}: {exc}") from exc
+                raise RuleError(check.rule.name, f"{type(exc).__name__}: {exc}") from exc
             if hits:
-                self.hits.extend((hit, rule) for hit in hits)
-            if holds and safe < frontier and not final:
+                self.hits.extend((hit, check.rule) for hit in hits)
+            check.safe = safe
+            if check.holds and safe < frontier and not final:
                 frontier = safe
         if frontier == self.received and not self.hits and self.held_since is None:
             # The common case: nothing held before, nothing to act on, all of it safe.
@@ -139,7 +174,19 @@ class _ChannelGuard:
             if released:
                 self.sent.append(released)
             return released
+        start = self.released
         released = self._release(frontier, out)
+        plain = self.released - max(start, self.redacted_until)  # released text after the last replacement
+        if released and self.pending and plain > 0 and not released[-1].isspace():
+            # Text still held is glued to what is released: if it is later replaced, or the stream
+            # ends before it, the client sees a new neighbour there, which can complete a match
+            # (123-45-6789 before a redacted "-----BEGIN" is a bounded SSN). Hold the glued run too.
+            glued = _GLUED.search(released)
+            run = min(glued.end() - glued.start() if glued is not None else 0, plain)
+            if run <= _EDGE_CONTEXT:
+                self.pending = released[len(released) - run :] + self.pending
+                self.released -= run
+                released = released[: len(released) - run]
         if released:
             self.sent.append(released)
         self._note_held(held_before, released, out, now)
@@ -147,11 +194,18 @@ class _ChannelGuard:
 
     def _release(self, frontier: int, out: list[Output]) -> str:
         parts: list[str] = []
-        if self.hits:
+        while self.hits:
             self.hits.sort(key=lambda item: (item[0].start, _PRECEDENCE[item[1].action]))
-            while self.hits and self.hits[0][0].start < frontier:
+            while self.hits and self.hits[0][0].start < frontier and not self.restarted:
                 hit, rule = self.hits.pop(0)
                 self._act(hit, rule, parts, out)
+            if not self.restarted:
+                break
+            # A redaction restarted the pattern rules on what the client sees: ask them again.
+            self.restarted = False
+            frontier = self.received
+            if not self.final:
+                frontier = min((check.safe for check in self.checkers if check.holds), default=frontier)
         if frontier > self.released:
             parts.append(self._take(frontier))
         return "".join(parts)
@@ -163,6 +217,9 @@ class _ChannelGuard:
         return text
 
     def _act(self, hit: Hit, rule: BoundRule, parts: list[str], out: list[Output]) -> None:
+        if (hit.start, hit.end, rule.name) == self.last_hit:
+            return  # found again by the rule's view after a replacement
+        self.last_hit = (hit.start, hit.end, rule.name)
         leaked = 0 if rule.holdback or rule.action is Action.LOG else max(0, min(hit.end, self.released) - hit.start)
         out.append(Intervention(rule.name, rule.action, self.name, hit.start, hit.end, leaked, hit.detail))
         if rule.action is Action.LOG:
@@ -170,16 +227,90 @@ class _ChannelGuard:
         if hit.start > self.released:
             parts.append(self._take(hit.start))
         if rule.action is not Action.REDACT:
-            self.sent.extend(parts)
-            raise _Trip(rule, "".join(parts), self.name)
+            released = self._trim("".join(parts), "")
+            self.sent.append(released)
+            raise _Trip(rule, released, self.name)
         if hit.end <= self.released:
             return
         # Overlapping redactions join into one replacement.
         if not (hit.start < self.released and self.redacted_until == self.released):
-            parts.append(rule.replacement)
+            parts[:] = [self._trim("".join(parts), rule.replacement), rule.replacement]
         stop = min(hit.end, self.received)
         self.pending = self.pending[stop - self.released :]
         self.released = self.redacted_until = stop
+        self._watch(stop, "".join(self.sent) + "".join(parts))
+
+    def _watch(self, stop: int, client: str) -> None:
+        """Have the pattern rules also read what the client sees after a replacement.
+
+        A replacement changes the neighbours of the text after it: ``[redacted]`` before a key
+        satisfies a lookbehind (or a word boundary) that the original neighbour failed. So each
+        pattern rule gets a second checker, fed the client's text up to the replacement (only
+        as context) and then the text after the redacted span. The first checker goes on with
+        the original text: a match that started inside the redacted span (a private key after
+        an API key) is still found there.
+        """
+        client = client[-_EDGE_CONTEXT:]
+        shift = stop - len(client)
+        for check in self.checkers:
+            if not getattr(check.rule.rule, "scans_fields", False):
+                continue
+            check.view = cast(Rule, check.rule.rule).checker()
+            check.view_shift, check.view_until = shift, stop + _EDGE_CONTEXT
+            try:
+                check.view.feed(client)
+                check.safe = min(check.safe, self._view_feed(check, self.pending, self.final))
+            except Exception as exc:
+                raise RuleError(check.rule.name, f"{type(exc).__name__}: {exc}") from exc
+            self.restarted = True
+
+    def _view_feed(self, check: _Check, text: str, final: bool) -> int:
+        """Feed the view checker; its new hits join the channel's; returns its safe offset."""
+        view, shift = check.view, check.view_shift
+        assert view is not None
+        safe, hits = view.feed(text)
+        if final:
+            safe, more = view.finish()
+            hits += more
+        safe += shift
+        floor = check.view_until - _EDGE_CONTEXT
+        known = {(hit.start, hit.end) for hit, rule in self.hits if rule is check.rule}
+        for hit in hits:
+            if hit.end + shift > floor:
+                moved = _shifted(hit, shift, floor)
+                if (moved.start, moved.end) not in known:
+                    self.hits.append((moved, check.rule))
+        if safe >= check.view_until and safe >= self.received:
+            check.view = None  # past the replacement's reach: the original reads the same now
+        return safe
+
+    def _trim(self, text: str, after: str) -> str:
+        """``text`` cut before any match that the cut itself completes.
+
+        The client sees ``text`` followed by ``after`` (a replacement, or the end of the stream)
+        instead of the original continuation, and that can complete a match the original did
+        not hold: ``Project Starlight`` cut from ``Project Starlight비밀번호`` is a word-bounded
+        phrase. Text held back is still unsent here, so such a match is dropped with the cut.
+        """
+        rules = [check.rule for check in self.checkers if check.rule.action is not Action.LOG]
+        rules = [rule for rule in rules if getattr(rule.rule, "scans_fields", False)]
+        if not text or not rules:
+            return text
+        context = "".join(self.sent)[-_EDGE_CONTEXT:]
+        while text:
+            whole = context + text + after
+            cut = len(text)
+            for rule in rules:
+                checker = cast(Rule, rule.rule).checker()
+                for hit in checker.feed(whole).hits + checker.finish().hits:
+                    if hit.end > len(context) and hit.start < len(context) + len(text):
+                        cut = min(cut, max(0, hit.start - len(context)))
+            if cut == len(text):
+                break
+            # Drop the run glued to the cut first (what hold-back keeps back too), then the match.
+            glued = _GLUED.search(text)
+            text = text[: max(cut, glued.start() if glued is not None else len(text))]
+        return text
 
     def _note_held(self, held_before: int, released: str, out: list[Output], now: float) -> None:
         if held_before and self.held_since is not None and released:
@@ -686,6 +817,12 @@ _TIMEOUT_MESSAGES = {
     "first_token_timeout": "the model took too long to start answering",
     "total_timeout": "the answer took too long",
 }
+
+
+def _shifted(hit: Hit, shift: int, floor: int) -> Hit:
+    if not shift and hit.start >= floor:
+        return hit
+    return Hit(max(hit.start + shift, floor), hit.end + shift, hit.detail)
 
 
 def _stop_reason(rule: BoundRule) -> StopReason:

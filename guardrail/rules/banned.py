@@ -18,6 +18,7 @@ import regex
 
 from guardrail.core.rule import Checker, Hit, Verdict
 from guardrail.rules.phrases import UNSPACED, PhraseIndex, indexable
+from guardrail.rules.textview import FoldedChecker, fold_text
 
 # Regexes run inside the event loop, after every delta: a pathological pattern must not stall
 # every stream on the process. 50 ms is ~1000x the cost of an ordinary scan.
@@ -284,6 +285,9 @@ class BannedPatterns:
             word characters go to a word index (:mod:`guardrail.rules.phrases`), so that
             thousands of them cost about what one does.
         timeout: seconds one search may run before the rule fails (and the guard fails closed).
+        normalize: check a folded view of the text (see :mod:`guardrail.rules.textview`), so
+            that zero-width characters, soft hyphens, fullwidth letters or combining marks
+            inside a match do not hide it; hits map back to the original text.
 
     Raises:
         ValueError: a pattern is invalid or matches the empty string, a phrase is empty, or
@@ -299,6 +303,7 @@ class BannedPatterns:
         patterns: Sequence[str] = (),
         phrases: Sequence[str] = (),
         timeout: float = PATTERN_TIMEOUT_SECONDS,
+        normalize: bool = False,
     ) -> None:
         if not patterns and not phrases:
             raise ValueError("banned_patterns needs at least one pattern or phrase")
@@ -306,6 +311,9 @@ class BannedPatterns:
             compile_pattern(pattern)
         self.patterns = tuple(patterns)
         self.phrases = tuple(phrases)
+        self.normalize = normalize
+        if normalize:
+            phrases = [fold_text(phrase) for phrase in phrases]
         alternatives = [(p, f"pattern {p!r}") for p in patterns]
         indexed = [phrase for phrase in phrases if indexable(phrase)]
         alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases if not indexable(p)]
@@ -318,11 +326,15 @@ class BannedPatterns:
 
     def checker(self) -> Checker:
         """A fresh checker for one channel of one stream."""
+        checker: Checker
         if not self._searchers:
             assert self._index is not None
-            return self._index.checker()
-        checker = BannedPatternsChecker(self._searchers, self._prefilter, self._timeout, self._singles)
-        return checker if self._index is None else _Both(checker, self._index.checker())
+            checker = self._index.checker()
+        else:
+            checker = BannedPatternsChecker(self._searchers, self._prefilter, self._timeout, self._singles)
+            if self._index is not None:
+                checker = _Both(checker, self._index.checker())
+        return FoldedChecker(checker) if self.normalize else checker
 
 
 class _Both:

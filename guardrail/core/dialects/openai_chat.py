@@ -17,6 +17,7 @@ of held or redacted text goes out that way. Events written by the guard reuse th
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -45,6 +46,8 @@ _TEMPLATE_KEYS = ("id", "object", "created", "model", "system_fingerprint")
 _DONE = encode_event("[DONE]")
 _STOP_REASONS = {StopReason.POLICY: "content_filter", StopReason.LENGTH: "length"}
 _REASONING = ("reasoning_content", "reasoning")
+# A channel name (choices[0].tool_calls[1].function.arguments) read back into keys and indexes.
+_NAME_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 # Keys of the chunk's own structure: no model text in them, so they are not checked as strings.
 _KNOWN_KEYS = frozenset(
     (
@@ -308,18 +311,16 @@ class ChatStream:
         return b"".join(chunks)
 
     def text(self, channel: str, text: str) -> bytes:
-        index, _, field = channel.partition(".")
-        choice = int(index[len("choices[") : -1])
-        delta: dict[str, Any]
-        if field.startswith("tool_calls["):
-            call, _, rest = field.partition(".")
-            tool = int(call[len("tool_calls[") : -1])
-            delta = {"tool_calls": [{"index": tool, "function": {rest.partition(".")[2]: text}}]}
-        elif "." in field:
-            outer, _, inner = field.partition(".")
-            delta = {outer: {inner: text}}
-        else:
-            delta = {field: text}
+        tokens = _NAME_TOKEN.findall(channel)
+        choice = int(tokens[1][1])  # choices, [n]
+        delta: Any = text
+        for key, number in reversed(tokens[2:]):
+            if key:
+                delta = {key: delta}
+            elif type(delta) is dict and list(delta) == ["function"]:  # a tool call's own index
+                delta = [{"index": int(number), **delta}]
+            else:
+                delta = [*([None] * int(number)), delta]
         return self._chunk({"index": choice, "delta": delta, "logprobs": None, "finish_reason": None})
 
     def end(self, ending: Ending | None, ledger: Ledger, parsed: Parsed | None = None) -> bytes:
@@ -450,13 +451,28 @@ def _read_call(
                 others.append(name)
                 others.extend(jsontext.strings(text))
                 continue
-            if type(text) in (dict, list):
-                text = jsontext.dumps(text)  # arguments sent as an object: its JSON is the text
-            if type(text) is str:
+            if type(text) in (dict, list):  # arguments sent as an object: each string in it is a channel
+                _read_leaves(pieces, others, f"{prefix}{function_key}.{name}", where, text)
+            elif type(text) is str:
                 if text:
                     pieces.append(Piece(f"{prefix}{function_key}.{name}", text, where, Kind.TOOL))
             elif text is not None:
                 others.extend(jsontext.strings(text))
+
+
+def _read_leaves(pieces: list[Piece], others: list[str], channel: str, path: tuple[Any, ...], value: object) -> None:
+    """The strings inside a JSON value, each a channel named by where it sits; keys go to ``others``."""
+    stack: list[tuple[str, tuple[Any, ...], object]] = [(channel, path, value)]
+    while stack:
+        name, where, node = stack.pop()
+        if type(node) is str:
+            if node:
+                pieces.append(Piece(name, node, where, Kind.TOOL))
+        elif type(node) is dict:
+            others.extend(node)
+            stack.extend((f"{name}.{key}", (*where, key), child) for key, child in node.items())
+        elif type(node) is list:
+            stack.extend((f"{name}[{pos}]", (*where, pos), child) for pos, child in enumerate(node))
 
 
 def _body_bytes(body: dict[str, Any], ledger: Ledger) -> bytes:

@@ -1,0 +1,266 @@
+"""Streams drawn from the whole grammar a dialect's parser accepts, and a client's-eye leak check.
+
+A generator builds one response from a seed: banned matches and ordinary text spread over every
+text-bearing field, split at random points (inside UTF-8 characters on the wire), finish marks
+in every placement, logprobs, several choices, text after a finish, error events, comments, ids,
+unknown fields. :func:`leaks` reads what a client receives the way a client does: every JSON
+string decoded, and each channel's text joined across events, and reports any banned match.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import regex
+
+from guardrail.core.rule import Action, BoundRule
+from guardrail.core.sse import SSEDecoder
+from guardrail.rules.banned import BannedPatterns, phrase_pattern
+
+PATTERNS = [
+    r"(?<![A-Za-z0-9])sk-[A-Za-z0-9]{20,}",
+    r"-----BEGIN[A-Z ]{0,20}PRIVATE KEY-----[A-Za-z0-9+/=\s]{0,400}?-----END[A-Z ]{0,20}PRIVATE KEY-----",
+]
+PHRASES = ["project starlight", "비밀번호"]
+BANNED = [
+    "sk-" + "Zq9Xw8Vu7Ts6Rq5Po4Nm3Lk2",
+    "Project  Starlight",
+    "PROJECT\nstarlight",
+    "비밀번호",
+    "sk-proj" + "A" * 22,
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKL\n"
+    "-----END RSA PRIVATE KEY-----",
+]
+ORDINARY = [
+    "Sure. ",
+    "the ",
+    "project ",
+    "star",
+    "lights ",
+    "sk-",
+    "short ",
+    "관리자 ",
+    "는 ",
+    "é",
+    "😀 ",
+    "\u2028",
+    "-",
+    "\n",
+    "— ",
+    "key ",
+]
+DETECT = regex.compile("|".join([*PATTERNS, *(phrase_pattern(p) for p in PHRASES)]))
+
+
+def rules(action: Action) -> list[BoundRule]:
+    return [BoundRule("banned", BannedPatterns(patterns=PATTERNS, phrases=PHRASES), action, replacement="[x]")]
+
+
+def text(rng: random.Random, banned: float = 0.35) -> str:
+    parts: list[str] = []
+    after_banned = False
+    for _ in range(rng.randint(1, 8)):
+        if rng.random() < banned:
+            part = rng.choice(BANNED)
+            if after_banned and parts[-1][-1:].isalnum() and part[:1].isalnum():
+                # A phrase glued to the word of a match before it becomes word-bounded once that
+                # match is replaced: a documented limit of redaction (README, "What is guarded").
+                parts.append(" ")
+            after_banned = True
+        else:
+            part = rng.choice(ORDINARY)
+            after_banned = False
+        parts.append(part)
+    return "".join(parts)
+
+
+def cut(rng: random.Random, value: str, most: int = 6) -> list[str]:
+    """``value`` in up to ``most`` pieces, cut anywhere (joining them gives it back)."""
+    if not value:
+        return [value]
+    cuts = sorted(rng.sample(range(1, len(value) + 1), min(len(value), rng.randint(0, most))))
+    bounds = [0, *cuts, len(value)]
+    return [value[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a] or [value]
+
+
+def rechunk(rng: random.Random, body: bytes) -> list[bytes]:
+    """The body's bytes cut at random places (inside events and UTF-8 characters alike)."""
+    cuts = sorted(set(rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 12))))) if len(body) > 1 else []
+    bounds = [0, *cuts, len(body)]
+    return [body[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def sse(obj: object, rng: random.Random) -> bytes:
+    data = json.dumps(obj, ensure_ascii=rng.random() < 0.5)
+    prefix = b""
+    if rng.random() < 0.05:
+        prefix += f": {text(rng)}\n".replace("\n\n", "\n").encode()[:200].split(b"\n")[0] + b"\n"
+    if rng.random() < 0.05:
+        prefix += b"id: " + text(rng).replace("\n", " ").replace("\r", " ").encode() + b"\n"
+    return prefix + f"data: {data}\n\n".encode()
+
+
+# -- OpenAI chat -----------------------------------------------------------------------------
+
+_FIELDS = (
+    "content",
+    "content_parts",
+    "refusal",
+    "reasoning_content",
+    "reasoning",
+    "arguments",
+    "arguments_object",
+    "tool_name",
+    "function_call",
+    "audio",
+)
+
+
+def _delta(field: str, value: str, tool: int) -> dict[str, Any]:
+    if field == "content_parts":
+        return {"content": [{"type": "text", "text": value}]}
+    if field == "arguments":
+        return {"tool_calls": [{"index": tool, "function": {"arguments": value}}]}
+    if field == "arguments_object":
+        return {"tool_calls": [{"index": tool, "function": {"arguments": {"q": value}}}]}
+    if field == "tool_name":
+        return {"tool_calls": [{"index": tool, "id": "call_1", "type": "function", "function": {"name": value}}]}
+    if field == "function_call":
+        return {"function_call": {"arguments": value}}
+    if field == "audio":
+        return {"audio": {"id": "audio_1", "transcript": value}}
+    return {field: value}
+
+
+def chat_stream(rng: random.Random) -> bytes:
+    """One chat completion stream from the grammar."""
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    choices = list(range(rng.choice([1, 1, 2])))
+    events: list[bytes] = []
+    plan: list[tuple[int, str, str]] = []
+    for index in choices:
+        for _ in range(rng.randint(1, 3)):
+            field = rng.choice(_FIELDS)
+            plan.extend((index, field, piece) for piece in cut(rng, text(rng)))
+    rng.shuffle(plan) if rng.random() < 0.2 else None
+    finishes = {index: rng.choice(["stop", "", None, "absent", "stop"]) for index in choices}
+    for number, (index, field, piece) in enumerate(plan):
+        choice: dict[str, Any] = {"index": index, "delta": _delta(field, piece, rng.randint(0, 1))}
+        last = all(other != index for other, _, _ in plan[number + 1 :])
+        reason = finishes[index]
+        if reason != "absent":
+            choice["finish_reason"] = reason if (last and rng.random() < 0.5) or reason in ("", None) else None
+        if rng.random() < 0.2:
+            tokens = cut(rng, piece, 3)
+            choice["logprobs"] = {
+                "content": [
+                    {"token": t, "logprob": -0.1, "bytes": list(t.encode()), "top_logprobs": []} for t in tokens
+                ]
+            }
+        obj: dict[str, Any] = {**head, "choices": [choice]}
+        if rng.random() < 0.03:
+            obj[rng.choice(["x_note", text(rng)])] = text(rng)
+        events.append(sse(obj, rng))
+        if rng.random() < 0.05:
+            events.append(b": keep-alive\n\n")
+    for index in choices:
+        if finishes[index] == "stop":
+            events.append(sse({**head, "choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]}, rng))
+    roll = rng.random()
+    if roll < 0.05:
+        events.append(sse({"error": {"message": text(rng), "type": "server_error"}}, rng))
+    elif roll < 0.1:
+        events.append(f"data: [DONE] {text(rng)}\n\n".encode())
+    elif roll < 0.15:
+        events.append(sse(text(rng), rng))  # data that is JSON but not an object
+    else:
+        events.append(b"data: [DONE]\n\n")
+    return b"".join(events)
+
+
+def chat_client(wire: bytes) -> list[str]:
+    """Every string a chat client can show: each JSON string, and each field's text joined across events."""
+    seen: list[str] = []
+    joined: dict[str, str] = {}
+    decoder = SSEDecoder()
+    for event in [*decoder.feed(wire), *decoder.close()]:
+        seen.extend(value for value in (event.event, event.id, *event.comments) if value)
+        if event.data is None:
+            continue
+        try:
+            obj = json.loads(event.data)
+        except ValueError:
+            seen.append(event.data)
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            seen.extend(_strings(obj))
+            continue
+        # Channel text is checked as the client joins it; everything else string by string.
+        seen.extend(_strings({key: value for key, value in obj.items() if key != "choices"}))
+        for choice in obj["choices"]:
+            if not isinstance(choice, dict):
+                seen.extend(_strings(choice))
+                continue
+            seen.extend(_strings({key: value for key, value in choice.items() if key not in ("delta", "logprobs")}))
+            seen.extend(_keys(choice.get("delta")))
+            prefix = f"{choice.get('index')}."
+            for path, value in _leaves(choice.get("delta"), ""):
+                key = prefix + regex.sub(r"\.\d+\.text$", "", path)
+                joined[key] = joined.get(key, "") + value
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict):
+                for entry in logprobs.get("content") or ():
+                    joined[prefix + "logprobs"] = joined.get(prefix + "logprobs", "") + str(entry.get("token", ""))
+                    raw = bytes(entry.get("bytes") or [])
+                    joined[prefix + "logprob_bytes"] = joined.get(prefix + "logprob_bytes", "") + raw.decode(
+                        "utf-8", "replace"
+                    )
+    return seen + list(joined.values())
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for key, child in value.items() for s in (key, *_strings(child))]
+    if isinstance(value, list):
+        return [s for child in value for s in _strings(child)]
+    return []
+
+
+def _keys(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for key, child in value.items() for s in (key, *_keys(child))]
+    if isinstance(value, list):
+        return [s for child in value for s in _keys(child)]
+    return []
+
+
+def _leaves(value: object, path: str) -> list[tuple[str, str]]:
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, dict):
+        out = []
+        for key, child in value.items():
+            if key == "tool_calls" and isinstance(child, list):
+                for call in child:
+                    if isinstance(call, dict):
+                        out.extend(_leaves(call, f"{path}.tool_calls[{call.get('index')}]"))
+            else:
+                out.extend(_leaves(child, f"{path}.{key}"))
+        return out
+    if isinstance(value, list):
+        return [leaf for pos, child in enumerate(value) for leaf in _leaves(child, f"{path}.{pos}")]
+    return []
+
+
+def leaks(strings: Sequence[str]) -> list[str]:
+    """The banned matches in what the client can see."""
+    return [match.group() for value in strings for match in DETECT.finditer(value)]
+
+
+Generator = Callable[[random.Random], bytes]
+Reader = Callable[[bytes], list[str]]
