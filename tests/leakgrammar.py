@@ -147,19 +147,19 @@ def chat_stream(rng: random.Random) -> bytes:
             plan.extend((index, field, piece) for piece in cut(rng, text(rng)))
     rng.shuffle(plan) if rng.random() < 0.2 else None
     finishes = {index: rng.choice(["stop", "", None, "absent", "stop"]) for index in choices}
+    with_logprobs = rng.random() < 0.3
     for number, (index, field, piece) in enumerate(plan):
         choice: dict[str, Any] = {"index": index, "delta": _delta(field, piece, rng.randint(0, 1))}
         last = all(other != index for other, _, _ in plan[number + 1 :])
         reason = finishes[index]
         if reason != "absent":
             choice["finish_reason"] = reason if (last and rng.random() < 0.5) or reason in ("", None) else None
-        if rng.random() < 0.2:
-            tokens = cut(rng, piece, 3)
-            choice["logprobs"] = {
-                "content": [
-                    {"token": t, "logprob": -0.1, "bytes": list(t.encode()), "top_logprobs": []} for t in tokens
-                ]
-            }
+        if with_logprobs and field in ("content", "refusal"):
+            # As servers send them with "logprobs": true: on every content and refusal chunk.
+            entries = [
+                {"token": t, "logprob": -0.1, "bytes": list(t.encode()), "top_logprobs": []} for t in cut(rng, piece, 3)
+            ]
+            choice["logprobs"] = {field: entries}
         obj: dict[str, Any] = {**head, "choices": [choice]}
         if rng.random() < 0.03:
             obj[rng.choice(["x_note", text(rng)])] = text(rng)
@@ -211,13 +211,14 @@ def chat_client(wire: bytes) -> list[str]:
                 key = prefix + regex.sub(r"\.\d+\.text$", "", path)
                 joined[key] = joined.get(key, "") + value
             logprobs = choice.get("logprobs")
-            if isinstance(logprobs, dict):
-                for entry in logprobs.get("content") or ():
-                    joined[prefix + "logprobs"] = joined.get(prefix + "logprobs", "") + str(entry.get("token", ""))
-                    raw = bytes(entry.get("bytes") or [])
-                    joined[prefix + "logprob_bytes"] = joined.get(prefix + "logprob_bytes", "") + raw.decode(
-                        "utf-8", "replace"
-                    )
+            if not isinstance(logprobs, dict):
+                continue
+            for kind in ("content", "refusal"):
+                for entry in logprobs.get(kind) or ():
+                    key = f"{prefix}logprobs.{kind}"
+                    joined[key] = joined.get(key, "") + str(entry.get("token", ""))
+                    decoded = bytes(entry.get("bytes") or []).decode("utf-8", "replace")
+                    joined[key + ".bytes"] = joined.get(key + ".bytes", "") + decoded
     return seen + list(joined.values())
 
 
@@ -264,3 +265,15 @@ def leaks(strings: Sequence[str]) -> list[str]:
 
 Generator = Callable[[random.Random], bytes]
 Reader = Callable[[bytes], list[str]]
+
+
+def chat_guard(rules: list[BoundRule]) -> Any:
+    from guardrail.core.engine import StreamGuard
+
+    return StreamGuard(rules)
+
+
+# dialect name: (draw a response, read what a client sees, start a guard)
+DIALECTS: dict[str, tuple[Generator, Reader, Callable[[list[BoundRule]], Any]]] = {
+    "openai_chat": (chat_stream, chat_client, chat_guard),
+}

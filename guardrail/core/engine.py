@@ -280,8 +280,8 @@ class _ChannelGuard:
                 moved = _shifted(hit, shift, floor)
                 if (moved.start, moved.end) not in known:
                     self.hits.append((moved, check.rule))
-        if safe >= check.view_until and safe >= self.received:
-            check.view = None  # past the replacement's reach: the original reads the same now
+        if safe >= check.view_until:
+            check.view = None  # past the replacement's reach: the original reads the same from here
         return safe
 
     def _trim(self, text: str, after: str) -> str:

@@ -21,7 +21,10 @@ _WORD = regex.compile(r"\w+")
 _NEXT_WORD = regex.compile(r"\s+(\w+)")
 _SIMPLE = regex.compile(r"\w+(?:\s+\w+)*")
 # Scripts written without spaces between words: a phrase there has no word boundary at that edge.
-UNSPACED = regex.compile(r"[\p{Han}\p{Hangul}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}]")
+# (The kana block also holds marks of the Common script, such as the prolonged sound mark ー.)
+UNSPACED = regex.compile(
+    r"[\p{Han}\p{Hangul}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}\u3000-\u30ff\uff66-\uff9f]"
+)
 
 
 def indexable(phrase: str) -> bool:
@@ -108,22 +111,26 @@ class PhraseChecker:
         tail = self._tail
         end = len(tail)
         pending = False
+        words: dict[int, tuple[int, str] | None] = {}  # position: the next word after it (end, folded)
         for candidate in candidates:
             at = pos
             for word in candidate.rest:
-                match = _NEXT_WORD.match(tail, at)
-                if match is None:
+                if at not in words:
+                    match = _NEXT_WORD.match(tail, at)
+                    words[at] = None if match is None else (match.end(), match.group(1).casefold())
+                found = words[at]
+                if found is None:
                     if not final and (at == end or tail[at:].isspace()):
                         pending = True  # the text stops between the words
                     break
-                got = match.group(1).casefold()
-                if match.end() == end and not final:
+                stop, got = found
+                if stop == end and not final:
                     if word.startswith(got):
-                        pending = True
+                        pending = True  # the text stops inside the word
                     break
                 if got != word:
                     break
-                at = match.end()
+                at = stop
             else:
                 return at, candidate.label
         return -1 if pending else None

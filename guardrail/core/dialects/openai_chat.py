@@ -46,6 +46,7 @@ _TEMPLATE_KEYS = ("id", "object", "created", "model", "system_fingerprint")
 _DONE = encode_event("[DONE]")
 _STOP_REASONS = {StopReason.POLICY: "content_filter", StopReason.LENGTH: "length"}
 _REASONING = ("reasoning_content", "reasoning")
+_QUICK_PATH = ("choices", 0, "delta", "content")
 # A channel name (choices[0].tool_calls[1].function.arguments) read back into keys and indexes.
 _NAME_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 # Keys of the chunk's own structure: no model text in them, so they are not checked as strings.
@@ -120,6 +121,9 @@ class ChatStream:
         self._prompt_tokens = prompt_tokens
         self._tokens_before = tokens_before
         self._body: dict[str, Any] | None = None  # a whole body, as rewritten, until it goes out
+        # Choices whose text the guard changed: their logprobs are dropped from then on, so that
+        # the tokens a client joins are always a prefix of the text it got.
+        self._altered: set[int] = set()
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -164,6 +168,9 @@ class ChatStream:
             kind = EventKind.PASS if "choices" in obj or "usage" in obj else EventKind.UNKNOWN
             return Parsed(kind, frame, others=others, data=obj, detail="not a chat completion chunk")
         self._learn_identity(obj)
+        if self._altered:
+            obj, frame = self._without_logprobs(obj, choices, frame)
+            choices = obj["choices"]
         quick = self._quick(frame, obj, choices, sse_others)
         if quick is not None:
             return quick
@@ -197,7 +204,7 @@ class ChatStream:
             if key not in _KNOWN_KEYS:
                 return None
         self.open_choices[index] = None
-        pieces = (Piece(f"choices[{index}].content", content, ("choices", 0, "delta", "content")),) if content else ()
+        pieces = (Piece(f"choices[{index}].content", content, _QUICK_PATH),) if content else ()
         return Parsed(EventKind.TEXT if pieces else EventKind.PASS, frame, pieces, tuple(others), data=obj)
 
     def _parse_chunk(
@@ -250,6 +257,19 @@ class ChatStream:
         parsed = self._parse_chunk(frame, obj, choices, (), "message")
         return parsed._replace(waits=())
 
+    def _without_logprobs(self, obj: dict[str, Any], choices: list[Any], frame: bytes) -> tuple[dict[str, Any], bytes]:
+        """``obj`` without the logprobs of altered choices (and its bytes), or as it is."""
+        drop: dict[jsontext.Path, object] = {}
+        for pos, choice in enumerate(choices):
+            if type(choice) is dict and choice.get("logprobs") is not None:
+                index = choice.get("index", pos)
+                if (index if type(index) is int else pos) in self._altered:
+                    drop[("choices", pos, "logprobs")] = None
+        if not drop:
+            return obj, frame
+        obj = jsontext.replace_paths(obj, drop)
+        return obj, encode_event(jsontext.dumps(obj))
+
     def _learn_identity(self, obj: dict[str, Any]) -> None:
         if not self._has_identity and obj.get("id"):
             self.template = {key: obj[key] for key in _TEMPLATE_KEYS if key in obj}
@@ -278,12 +298,30 @@ class ChatStream:
 
     def rewrite(self, parsed: Parsed, texts: Mapping[int, str], ledger: Ledger, *, closing: bool = True) -> bytes:
         obj = parsed.data
+        if (
+            len(parsed.pieces) == 1
+            and parsed.pieces[0].path == _QUICK_PATH
+            and self.framing is Framing.SSE
+            and len(obj["choices"]) == 1
+            and obj["choices"][0].get("logprobs") is None
+            and not obj["choices"][0].get("finish_reason")
+        ):
+            # The quick path's chunk (one choice, content only): rebuilt directly, the common case.
+            text = texts.get(0, "")
+            if text != parsed.pieces[0].text:
+                self._altered.add(int(parsed.pieces[0].channel[len("choices[") : -len("].content")]))
+            if not text:
+                return b""
+            choice = obj["choices"][0]
+            out = {**obj, "choices": [{**choice, "delta": {"content": text}}]}
+            return encode_event(jsontext.dumps(out))
         replacements: dict[jsontext.Path, object] = {}
         for number, piece in enumerate(parsed.pieces):
             text = texts.get(number, "")
             if text != piece.text:
                 replacements[piece.path] = text
                 replacements[piece.path[:2] + ("logprobs",)] = None  # tokens of the original text
+                self._altered.add(int(piece.channel[len("choices[") : piece.channel.index("]")]))
         if not closing:  # the finishes go later (see closing()) or never (the guard ends the stream)
             for pos, choice in enumerate(obj["choices"]):
                 if type(choice) is dict and choice.get("finish_reason"):

@@ -1,0 +1,82 @@
+"""Phrases in scripts without spaces, Unicode tricks with ``normalize: true``, and phrase lists at scale."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from guardrail.core.engine import StreamGuard
+from guardrail.core.outputs import Send
+from guardrail.core.rule import Action, BoundRule
+from guardrail.rules.banned import BannedPatterns
+
+
+def client_text(rule: BannedPatterns, text: str, *, byte_step: int) -> str:
+    """``text`` streamed as one chat chunk per character, its bytes fed ``byte_step`` at a time."""
+    guard = StreamGuard([BoundRule("banned", rule, Action.REDACT, replacement="[x]")])
+    body = b"".join(
+        b"data: "
+        + json.dumps({"choices": [{"index": 0, "delta": {"content": char}}]}, ensure_ascii=False).encode()
+        + b"\n\n"
+        for char in text
+    )
+    outputs = [o for i in range(0, len(body), byte_step) for o in guard.feed(body[i : i + byte_step])]
+    outputs += guard.feed(b"data: [DONE]\n\n") + guard.close()
+    wire = b"".join(o.data for o in outputs if isinstance(o, Send))
+    chunks = [json.loads(line[6:]) for line in wire.decode().split("\n\n") if line.startswith("data: {")]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+@pytest.mark.parametrize("byte_step", [1, 2, 5, 4096])
+def test_a_korean_phrase_is_redacted_before_its_particle(byte_step: int) -> None:
+    rule = BannedPatterns(phrases=["비밀번호", "project starlight"])
+    assert client_text(rule, "관리자 비밀번호는 1234", byte_step=byte_step) == "관리자 [x]는 1234"
+
+
+@pytest.mark.parametrize("text", ["東京タワーの秘密", "これは東京タワーです"])
+def test_han_and_kana_phrases_match_without_spaces(text: str) -> None:
+    rule = BannedPatterns(phrases=["東京タワー"])
+    assert "東京タワー" not in client_text(rule, text, byte_step=3)
+
+
+def test_latin_phrases_keep_their_word_boundaries() -> None:
+    rule = BannedPatterns(phrases=["비밀번호", "project starlight"])
+    assert client_text(rule, "project starlights", byte_step=1) == "project starlights"
+    assert client_text(rule, "Project\n Starlight!", byte_step=1) == "[x]!"
+
+
+TRICKS = {
+    "zero-width space": "proj\u200bect starlight",
+    "soft hyphen": "project star\u00adlight",
+    "fullwidth letters": "ｐｒｏｊｅｃｔ ｓｔａｒｌｉｇｈｔ",
+    "combining mark": "proje\u0301ct starlight",
+    "word joiner and variation selector": "pro\u2060ject star\ufe0flight",
+}
+
+
+@pytest.mark.parametrize("trick", list(TRICKS))
+def test_normalize_catches_unicode_tricks_and_keeps_every_other_byte(trick: str) -> None:
+    text = f"Noël: «{TRICKS[trick]}» — ok 😀"
+    plain = BannedPatterns(phrases=["project starlight"])
+    normalized = BannedPatterns(phrases=["project starlight"], normalize=True)
+    assert client_text(plain, text, byte_step=7) == text  # the trick works without the option
+    assert client_text(normalized, text, byte_step=7) == "Noël: «[x]» — ok 😀"
+
+
+def test_normalize_applies_to_patterns_and_to_phrases_written_with_accents() -> None:
+    rule = BannedPatterns(patterns=[r"sk-[A-Za-z0-9]{20,}"], phrases=["café secret"], normalize=True)
+    text = "key ｓｋ-" + "Ａ" * 22 + " and CAFE\u0301 SECRET."
+    assert client_text(rule, text, byte_step=3) == "key [x] and [x]."
+
+
+def test_ten_thousand_phrases_load_fast_and_do_not_trip_on_their_own_words() -> None:
+    words = [f"w{n:05d}x" for n in range(3000)]
+    phrases = [f"{words[n % 3000]} {words[(n * 7) % 3000]}" for n in range(10_000)]
+    started = time.perf_counter()
+    rule = BannedPatterns(phrases=phrases)
+    assert time.perf_counter() - started < 10  # generous: the benchmark measures ~0.1 s
+    prose = " ".join(words[(n * 13) % 3000] for n in range(2000))  # their vocabulary, never in their order
+    assert client_text(rule, prose[:3000], byte_step=4096) == prose[:3000]
+    assert client_text(rule, f"a {phrases[1234].upper()} b", byte_step=1) == "a [x] b"
