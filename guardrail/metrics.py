@@ -97,11 +97,27 @@ OTHER: Final = "other"
 # The closed label sets. Outcomes, actions and anomaly kinds mirror the enums in guardrail.core
 # (a test checks they agree); dialects are the dialects' names. Strings are accepted, so callers
 # may pass those enums or plain text alike.
-DIALECTS: Final = ("openai_chat", "openai_responses", "anthropic_messages", "ollama", "text")
+DIALECTS: Final = (
+    "openai_chat",
+    "openai_completions",
+    "openai_responses",
+    "anthropic_messages",
+    "ollama",
+    "gemini",
+    "vercel_ui",
+    "text",
+)
 OUTCOMES: Final = ("completed", "aborted", "fallback", "timeout", "client_disconnected", "upstream_error")
 ACTIONS: Final = ("abort", "fallback", "redact", "log")
 TOKEN_KINDS: Final = ("prompt", "completion")
-ANOMALY_KINDS: Final = ("malformed_event", "oversized_event", "unknown_event", "unterminated_event", "rule_error")
+ANOMALY_KINDS: Final = (
+    "malformed_event",
+    "oversized_event",
+    "unknown_event",
+    "unterminated_event",
+    "rule_error",
+    "unreadable_response",
+)
 
 # Rule checks take tens of microseconds per delta; a pathological pattern is cut off by the
 # regex timeout long before 50 ms.

@@ -528,7 +528,16 @@ def test_json_schema_describes_the_closed_schema() -> None:
     schema = json_schema()
 
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"version", "tokenizer", "paths", "rules", "fallbacks"}
+    assert set(schema["properties"]) == {
+        "version",
+        "tokenizer",
+        "paths",
+        "rules",
+        "fallbacks",
+        "dialects",
+        "pass_unreadable",
+        "allow_empty",
+    }
     assert schema["required"] == ["version", "rules"]
     variants = schema["properties"]["rules"]["items"]["oneOf"]
     titles = {schema["$defs"][v["$ref"].rsplit("/", 1)[1]]["title"] for v in variants}

@@ -7,6 +7,7 @@ so each test looks at the client's view between deltas. Order is forced with ``a
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -293,24 +294,26 @@ async def test_when_no_rule_fires_the_same_text_and_other_events_arrive_in_order
     ("path", "headers", "kept"),
     [
         (CHAT_PATH, SSE_HEADERS, False),
-        (CHAT_PATH, JSON_HEADERS, True),
+        (CHAT_PATH, JSON_HEADERS, False),  # an event stream labelled JSON is still read (and guarded)
         ("/health", SSE_HEADERS, True),
-        (CHAT_PATH, (*SSE_HEADERS, (b"content-encoding", b"gzip")), True),
+        (CHAT_PATH, (*SSE_HEADERS, (b"content-encoding", b"gzip")), False),  # decoded, guarded, sent as identity
     ],
-    ids=["guarded-stream", "json", "unguarded-path", "encoded-stream"],
+    ids=["guarded-stream", "sse-labelled-json", "unguarded-path", "encoded-stream"],
 )
 async def test_content_length_is_dropped_only_for_guarded_streams(
     path: str, headers: tuple[tuple[bytes, bytes], ...], kept: bool
 ) -> None:
-    body = CHAT.content("Hello") + DONE
+    body = sent = CHAT.content("Hello") + DONE
+    if (b"content-encoding", b"gzip") in headers:
+        sent = gzip.compress(body)
     messages: list[Message] = [
-        {"type": "http.response.start", "status": 200, "headers": [*headers, (b"content-length", b"%d" % len(body))]},
-        {"type": "http.response.body", "body": body, "more_body": False},
+        {"type": "http.response.start", "status": 200, "headers": [*headers, (b"content-length", b"%d" % len(sent))]},
+        {"type": "http.response.body", "body": sent, "more_body": False},
     ]
     recorder = Recorder()
     with anyio.fail_after(5):
         await guarded(replay_app(messages), paths=["/v1/*"])(http_scope(path), Receiver(), recorder)
-    assert ((b"content-length", b"%d" % len(body)) in recorder.headers) is kept
+    assert ((b"content-length", b"%d" % len(sent)) in recorder.headers) is kept
     assert recorder.body == body
 
 
@@ -334,21 +337,29 @@ async def test_non_http_scopes_reach_the_app_untouched(scope_type: str) -> None:
     assert recorder.messages == [{"type": f"{scope_type}.probe", "text": KEY}]
 
 
+async def test_unguarded_paths_pass_through_untouched() -> None:
+    bodies = CHAT.stream([f"the key is {KEY} ", "and the codename is Project Starlight."])
+    messages = SteppedApp(bodies, headers=SSE_HEADERS).messages
+    recorder = Recorder()
+    with anyio.fail_after(5):
+        await guarded(replay_app(messages), paths=["/v1/*"])(http_scope("/health"), Receiver(), recorder)
+    assert recorder.messages == messages
+    assert KEY.encode() in recorder.body
+
+
 @pytest.mark.parametrize(
-    ("path", "headers"),
-    [("/health", SSE_HEADERS), (CHAT_PATH, JSON_HEADERS), (CHAT_PATH, ((b"content-type", b"text/plain"),))],
-    ids=["unguarded-path", "json-response", "text-response"],
+    "headers",
+    [JSON_HEADERS, ((b"content-type", b"text/plain"),), ((b"content-type", b"application/x-ndjson"),), ()],
+    ids=["json", "text", "ndjson", "no-content-type"],
 )
-async def test_unguarded_paths_and_non_stream_responses_pass_through_untouched(
-    path: str, headers: tuple[tuple[bytes, bytes], ...]
-) -> None:
+async def test_an_event_stream_under_another_label_is_guarded(headers: tuple[tuple[bytes, bytes], ...]) -> None:
     bodies = CHAT.stream([f"the key is {KEY} ", "and the codename is Project Starlight."])
     messages = SteppedApp(bodies, headers=headers).messages
     recorder = Recorder()
     with anyio.fail_after(5):
-        await guarded(replay_app(messages), paths=["/v1/*"])(http_scope(path), Receiver(), recorder)
-    assert recorder.messages == messages
-    assert KEY.encode() in recorder.body
+        await guarded(replay_app(messages), paths=["/v1/*"])(http_scope(CHAT_PATH), Receiver(), recorder)
+    assert KEY.encode() not in recorder.body
+    assert b"Starlight" not in recorder.body
 
 
 # --- acceptance 6: multi-byte characters split across body messages ----------------------------

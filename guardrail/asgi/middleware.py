@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import cast
@@ -36,11 +35,24 @@ from guardrail._asgi import openai_error, send_json
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
 from guardrail.asgi._sync import RequestClock, SendLock
 from guardrail.asgi.branch import FallbackRequest, FallbackUnavailable, display_url, fallback_request, open_fallback
+from guardrail.asgi.encoding import ContentDecoder, DecodeError, Reading, read_content_type, sniff_framing
+from guardrail.asgi.paths import path_forms, route_path
 from guardrail.asgi.record import RuleHit, StreamRecord, log_record
 from guardrail.asgi.request import ChatRequest, read_request
 from guardrail.config import RuleSet, load_rules
+from guardrail.core.dialect import Framing, RequestInfo
+from guardrail.core.dialects import dialect_for_path, get_dialect
 from guardrail.core.engine import StreamGuard
-from guardrail.core.outputs import Anomaly, Ended, Intervention, Outcome, Output, Released, Send as SendBytes
+from guardrail.core.outputs import (
+    Anomaly,
+    AnomalyKind,
+    Ended,
+    Intervention,
+    Outcome,
+    Output,
+    Released,
+    Send as SendBytes,
+)
 from guardrail.core.rule import Action, BoundRule
 from guardrail.core.tokens import BPEEncoding
 from guardrail.metrics import GuardMetrics
@@ -99,12 +111,26 @@ class GuardrailMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rules = self.rules.rules_for(scope.get("path", ""))
-        if not rules:
+        forms = path_forms(scope)
+        if forms is None:
+            # A path no router resolves the same way twice (an encoded slash, a NUL...): refused
+            # where the rules guard it as the server decoded it, passed untouched elsewhere.
+            routed = route_path(scope)
+            if self.rules.rules_for(routed) or self.rules.rules_for(routed.lower()):
+                message = "This request path cannot be read safely (encoded slashes, NUL or '..' above the root)."
+                await send_json(send, 400, openai_error(message, type="invalid_request_error", code="invalid_path"))
+                return
             await self.app(scope, receive, send)
             return
-        encoding = self.encodings.get(self.rules.tokenizer_for(scope.get("path", "")))
-        await _GuardedResponse(self, rules, scope, send, encoding).run(receive)
+        for path in forms:
+            rules = self.rules.rules_for(path)
+            if rules:
+                break
+        else:
+            await self.app(scope, receive, send)
+            return
+        encoding = self.encodings.get(self.rules.tokenizer_for(path))
+        await _GuardedResponse(self, rules, scope, send, encoding, forms[0]).run(receive)
 
 
 class _GuardedResponse:
@@ -117,8 +143,10 @@ class _GuardedResponse:
         scope: Scope,
         send: Send,
         encoding: BPEEncoding | None,
+        path: str,
     ) -> None:
         self.middleware = middleware
+        self.path = path  # as resolved: what the rules and the dialect are chosen by
         self.metrics = middleware.metrics
         self.rules = rules
         self.scope = scope
@@ -145,6 +173,14 @@ class _GuardedResponse:
         self.early_hits: list[RuleHit] = []
         self.texts: dict[str, str] = {}
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
+        # The app's response start, held until the guard knows how to read the body (and, for a
+        # whole body, until it is guarded); then how to read it.
+        self.held_start: Message | None = None
+        self.app_started = False
+        self.content_type = b""
+        self.decoder: ContentDecoder | None = None
+        self.sniffed: bytearray | None = None  # the first bytes, while the framing is not known
+        self.framing = Framing.SSE
 
     async def run(self, receive: Receive) -> None:
         self.request, self.replay, whole = await read_request(receive)
@@ -220,56 +256,93 @@ class _GuardedResponse:
                 return  # ended while this message waited for the lock
             message_type = message["type"]
             if message_type == "http.response.body":
-                if self.guard is not None:
+                if self.guard is not None or self.sniffed is not None:
                     await self._body(message)
                     return
             elif message_type == "http.response.start":
-                if self.response_started:
+                if self.response_started or self.app_started:
                     return  # the guard answered in the app's place (a deadline passed first)
-                message = self._start(message)
+                self.app_started = True
+                start = await self._start(message)
+                if start is None:
+                    return  # held until the body says how to read it, or refused
+                message = start
+                self.response_started = True
             await self.downstream(message)
         finally:
             lock.release()
 
-    def _start(self, message: Message) -> Message:
-        self.response_started = True
+    async def _start(self, message: Message) -> Message | None:
+        """Decide how to read the answer; return the start to send now, or None to hold it."""
+        status = int(message.get("status", 200))
         headers: list[tuple[bytes, bytes]] = list(message.get("headers", []))
         content_type = b""
-        encoded = False
+        encoding = b""
         for name, value in headers:
             lowered = name.lower()
             if lowered == b"content-type":
                 content_type = value.split(b";", 1)[0].strip().lower()
-            elif lowered == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-                encoded = True
-        if content_type != GUARDED_CONTENT_TYPE or encoded:
-            self.guard = None  # not a stream: nothing to guard, no deadlines
+            elif lowered == b"content-encoding":
+                encoding = value.strip().lower()
+        reading, framing = read_content_type(content_type)
+        if not 200 <= status < 300 and content_type != b"text/event-stream":
+            # An error answer: its JSON is read whole (strings checked); anything else passes.
+            reading, framing = (Reading.GUARD, Framing.JSON) if b"json" in content_type else (Reading.PASS, None)
+        if reading is Reading.GUARD and encoding not in (b"", b"identity"):
+            if ContentDecoder.supports(encoding.decode("latin-1")):
+                self.decoder = ContentDecoder(encoding.decode("latin-1"))
+            else:
+                reading = Reading.REFUSE
+        if reading is Reading.REFUSE and self.middleware.rules.passes_unreadable(self.path):
+            reading = Reading.PASS
+        if reading is Reading.PASS:
+            self.guard = None  # nothing the guard can or may read: no deadlines either
             return message
-        self._arm()
-        self.metrics.stream_started(self._dialect_name())
+        if reading is Reading.REFUSE:
+            await self._refuse_unreadable(content_type, encoding)
+            return None
+        self.content_type = content_type
+        if framing is None:
+            self.sniffed = bytearray()
+        else:
+            self._arm(framing)
         # The guard may change the body, so a length announced by the app would be wrong.
-        headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
-        return {**message, "headers": headers}
+        drop = {b"content-length", b"content-encoding"} if self.decoder is not None else {b"content-length"}
+        self.held_start = {**message, "headers": [(k, v) for k, v in headers if k.lower() not in drop]}
+        return None
 
-    def _arm(self) -> None:
-        if self.guard is None:
-            identity = {"id": f"chatcmpl-guardrail-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
-            if self.request.model:
-                identity["model"] = self.request.model
-            self.guard = StreamGuard(
-                self.rules,
-                start=self.start,
-                identity=identity,
-                encoding=self.encoding,
-                include_usage=self.request.include_usage,
-                prompt_tokens=self.prompt_tokens,
-            )
-            self.record = StreamRecord(
-                request_id=self._request_id(), path=self.scope.get("path", ""), dialect=self._dialect_name()
-            )
+    async def _refuse_unreadable(self, content_type: bytes, encoding: bytes) -> None:
+        what = f"content-encoding {encoding.decode('latin-1')!r}" if encoding else ""
+        what = what or f"content type {content_type.decode('latin-1') or '(none)'!r}"
+        message = (
+            f"guardrail cannot read this answer ({what}) on a guarded path, so it is not passed on. "
+            "List the path under pass_unreadable in the rule file to pass such answers unguarded."
+        )
+        logger.warning("refused an unreadable answer on %s: %s", self.path, what)
+        self.metrics.anomaly(AnomalyKind.UNREADABLE_RESPONSE)
+        self.guard = None
+        await self._send_error_response(502, "unreadable_response", message)
+        self.closed = True
+        self._settle(Outcome.UPSTREAM_ERROR)
+        self.app_scope.cancel()
+
+    def _arm(self, framing: Framing = Framing.SSE) -> None:
+        if self.guard is not None and self.framing is framing:
+            return
+        self.framing = framing
+        dialect_name = self.middleware.rules.dialect_for(self.path) or dialect_for_path(self.path) or "openai_chat"
+        dialect = get_dialect(dialect_name)
+        info = RequestInfo(self.path, self.request.payload)
+        stream = dialect.start(framing, info, prompt_tokens=self.prompt_tokens)
+        self.guard = StreamGuard(
+            self.rules, stream, start=self.start, encoding=self.encoding, prompt_tokens=self.prompt_tokens
+        )
+        if self.record is None:
+            self.record = StreamRecord(request_id=self._request_id(), path=self.path, dialect=dialect_name)
             self.record.model = self.request.model
             self.record.hits.extend(self.early_hits)
-            self.armed.set()
+        self.record.dialect = dialect_name
+        self.armed.set()
 
     def _request_id(self) -> str:
         for name, value in self.scope.get("headers", []):
@@ -283,11 +356,25 @@ class _GuardedResponse:
         This runs once per delta, so the usual outcome, bytes for the client and nothing else to
         act on, goes straight downstream; anything more goes through :meth:`_emit`.
         """
-        guard = self.guard
-        assert guard is not None
         now = self.now()
         more_body = bool(message.get("more_body", False))
-        outputs = self._feed(guard, message.get("body", b""), now)
+        data = message.get("body", b"")
+        if self.decoder is not None:
+            try:
+                data = self.decoder.decode(bytes(data)) + (b"" if more_body else self.decoder.flush())
+            except DecodeError as exc:
+                await self._fail_unreadable(str(exc), now)
+                return
+        if self.sniffed is not None:
+            self.sniffed += data
+            framing = sniff_framing(bytes(self.sniffed), self.content_type, complete=not more_body)
+            if framing is None:
+                return  # too few bytes to tell the framing yet
+            data, self.sniffed = bytes(self.sniffed), None
+            self._arm(framing)
+        guard = self.guard
+        assert guard is not None
+        outputs = self._feed(guard, data, now)
         if not more_body and not guard.ended:
             outputs += guard.close(now)
         if len(outputs) == 1 and self.response_started:
@@ -304,6 +391,14 @@ class _GuardedResponse:
                 return
         if outputs or not more_body:  # (no outputs: the delta's text is held back, for now)
             await self._emit(outputs, now, more_body=more_body)
+
+    async def _fail_unreadable(self, detail: str, now: float) -> None:
+        logger.warning("an answer on %s could not be decoded: %s", self.path, detail)
+        self.metrics.anomaly(AnomalyKind.UNREADABLE_RESPONSE)
+        if self.guard is None:
+            self._arm(Framing.SSE)
+        assert self.guard is not None
+        await self._emit(self.guard.upstream_failed(detail, now), now, more_body=False)
 
     def _feed(self, guard: StreamGuard, data: bytes, now: float) -> list[Output]:
         """Feed ``guard`` the next bytes of a body; keep the deadline watcher and the delta count in step."""
@@ -330,11 +425,7 @@ class _GuardedResponse:
             more_body = False
         try:
             if not self.response_started and (data or ended is not None):
-                # A deadline passed before the app started its response: answer in its place.
-                self.response_started = True
-                headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]
-                await self.downstream({"type": "http.response.start", "status": 200, "headers": headers})
-                self.metrics.stream_started(self._dialect_name())
+                await self._send_start(data, ended, more_body)
             if data or not more_body:
                 await self.downstream({"type": "http.response.body", "body": data, "more_body": more_body})
         except OSError:
@@ -348,6 +439,23 @@ class _GuardedResponse:
             if ended.outcome is not Outcome.COMPLETED:
                 # Stop the app at its next checkpoint: its generators close, upstream generation stops.
                 self.app_scope.cancel()
+
+    async def _send_start(self, data: bytes, ended: Ended | None, more_body: bool) -> None:
+        """Send the held start of the app's response, or one in its place (a deadline passed first)."""
+        self.response_started = True
+        start = self.held_start
+        if start is None:
+            headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]
+            start = {"type": "http.response.start", "status": 200, "headers": headers}
+        self.held_start = None
+        if self.framing is Framing.JSON and not more_body:
+            # A whole body goes out at once, with its length (and as a 502 if the guard failed it).
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", b"%d" % len(data)))
+            status = 502 if ended is not None and ended.outcome is Outcome.UPSTREAM_ERROR else start.get("status", 200)
+            start = {**start, "status": status, "headers": headers}
+        await self.downstream(start)
+        self.metrics.stream_started(self._dialect_name())
 
     def _digest(self, outputs: list[Output], now: float) -> tuple[bytes, Ended | None]:
         data = b""

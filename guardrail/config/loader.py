@@ -113,6 +113,10 @@ def _compile_file(
         problems += validation_problems(exc, doc)
     built, build_problems = _build_rules(doc)
     problems += build_problems
+    if not problems and spec is not None and not spec.rules and not spec.allow_empty:
+        # A file cut before its rules (an editor or a deploy still writing it) looks like this.
+        message = "the file has no rules, so it guards nothing; add rules, or set allow_empty: true"
+        problems.append(_problem(doc, ("rules",), message))
     if problems or spec is None:
         return None, problems
     return _group(spec, built, doc.file), problems
@@ -252,7 +256,14 @@ def _group(spec: RuleFileSpec, built: Mapping[int, Rule | TimedRule], source: st
         )
         for index, rule in enumerate(spec.rules)
     )
-    return RuleGroup(source, tuple(spec.paths), spec.tokenizer, rules)
+    return RuleGroup(
+        source,
+        tuple(spec.paths),
+        spec.tokenizer,
+        rules,
+        dialects=tuple(spec.dialects.items()),
+        pass_unreadable=tuple(spec.pass_unreadable),
+    )
 
 
 def _fallback(spec: RuleFileSpec, name: str | None) -> Fallback | None:

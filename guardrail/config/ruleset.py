@@ -28,12 +28,16 @@ class RuleGroup:
         paths: path globs (fnmatch, case-sensitive, ``*`` also crosses ``/``); ``()`` is every path.
         tokenizer: the tiktoken encoding or model name the file's token rules count with.
         rules: the file's rules, in file order.
+        dialects: path globs and the dialect their answers are read in, where the path does not say.
+        pass_unreadable: path globs whose answers the guard cannot read pass unguarded.
     """
 
     source: str
     paths: tuple[str, ...]
     tokenizer: str
     rules: tuple[BoundRule, ...]
+    dialects: tuple[tuple[str, str], ...] = ()  # (path glob, dialect name)
+    pass_unreadable: tuple[str, ...] = ()  # path globs whose unreadable answers pass
     _matcher: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -53,6 +57,18 @@ class RuleSet:
     def rules_for(self, path: str) -> tuple[BoundRule, ...]:
         """The rules guarding the request path ``path``: those of every group whose paths match it."""
         return tuple(rule for group in self.groups if group.matches(path) for rule in group.rules)
+
+    def dialect_for(self, path: str) -> str | None:
+        """The dialect a rule file names for ``path``, if one does."""
+        for group in self.groups:
+            for glob, name in group.dialects:
+                if fnmatch.fnmatchcase(path, glob):
+                    return name
+        return None
+
+    def passes_unreadable(self, path: str) -> bool:
+        """Whether answers on ``path`` that the guard cannot read pass unguarded (else they are refused)."""
+        return any(fnmatch.fnmatchcase(path, glob) for group in self.groups for glob in group.pass_unreadable)
 
     def tokenizer_for(self, path: str) -> str:
         """The tokenizer that counts tokens on ``path``: that of the first group matching it."""

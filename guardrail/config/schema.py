@@ -314,6 +314,31 @@ class RuleFileSpec(_Closed):
     fallbacks: dict[NonEmpty, FallbackSpec] = Field(
         default_factory=dict, description="Named fallback answers for rules with action 'fallback'."
     )
+    dialects: dict[PathGlob, DialectName] = Field(
+        default_factory=dict,
+        description="Path glob: the dialect its answers are read in, where the endpoint's path does not say.",
+    )
+    pass_unreadable: list[PathGlob] = Field(
+        default_factory=list,
+        description="Path globs whose answers the guard cannot read (other encodings, binary types) "
+        "pass unguarded instead of being refused.",
+    )
+    allow_empty: bool = Field(
+        default=False, description="A file without rules is an error unless it says so with true."
+    )
+
+
+def _check_dialect(value: str) -> str:
+    from guardrail.core.dialects import DIALECTS
+
+    if value not in DIALECTS:
+        raise PydanticCustomError(
+            "dialect", "unknown dialect {found}; known: {known}", {"found": repr(value), "known": ", ".join(DIALECTS)}
+        )
+    return value
+
+
+DialectName = Annotated[str, AfterValidator(_check_dialect)]
 
 
 def json_schema() -> dict[str, Any]:

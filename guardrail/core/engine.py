@@ -577,7 +577,7 @@ class StreamGuard:
             out.append(Ended(Outcome.COMPLETED))
         elif kind is EventKind.ERROR:
             self._flush_channels(now, wire, out)
-            wire.append(self.stream.rewrite(parsed, {}, self) if self.stream.framing is Framing.JSON else parsed.raw)
+            wire.append(parsed.raw)
         elif kind is EventKind.UNKNOWN:
             if not self._reported_unknown:
                 self._reported_unknown = True

@@ -30,6 +30,7 @@ class AnomalyKind(enum.StrEnum):
     UNKNOWN_EVENT = "unknown_event"
     UNTERMINATED_EVENT = "unterminated_event"
     RULE_ERROR = "rule_error"
+    UNREADABLE_RESPONSE = "unreadable_response"  # an answer the guard could not read: refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,39 @@
-"""The dialects the guard speaks, one module per provider's wire format."""
+"""The dialects the guard speaks, one module per provider's wire format, and how one is chosen.
+
+:data:`ENDPOINTS` maps the end of a request path to the dialect that answers it; the rule file
+can name a dialect for a path pattern instead (``dialects:``). Modules are imported on first use.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from guardrail.core.dialect import DialectStream, Framing
+from guardrail.core.dialect import Dialect, DialectStream, Framing
+
+# name: module (each defines DIALECT)
+DIALECTS = {
+    "openai_chat": "guardrail.core.dialects.openai_chat",
+}
+
+# The end of a request path, and the dialect that answers there.
+ENDPOINTS: tuple[tuple[str, str], ...] = (("/chat/completions", "openai_chat"),)
+
+
+def get_dialect(name: str) -> Dialect:
+    """The dialect called ``name``; raises KeyError for an unknown name."""
+    module = importlib.import_module(DIALECTS[name])
+    dialect: Dialect = module.DIALECT
+    return dialect
+
+
+def dialect_for_path(path: str) -> str | None:
+    """The dialect of the endpoint ``path`` names (lowercased, resolved), or None."""
+    lowered = path.lower().rstrip("/")
+    for suffix, name in ENDPOINTS:
+        if lowered.endswith(suffix):
+            return name
+    return None
 
 
 def default_stream(**options: Any) -> DialectStream:

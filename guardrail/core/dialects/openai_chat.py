@@ -330,8 +330,10 @@ class ChatStream:
                     self.open_choices[index if type(index) is int else pos] = None
         out = jsontext.replace_paths(obj, replacements)
         if self.framing is Framing.JSON:
-            self._body = out
-            return _body_bytes(out, ledger) if closing else b""
+            if closing:
+                return _body_bytes(out, ledger)
+            self._body = out  # the guard ends the answer: end() writes it with its stop reason
+            return b""
         if not out.get("usage") and not any(_carries_something(choice) for choice in out["choices"]):
             return b""
         return encode_event(jsontext.dumps(out))
