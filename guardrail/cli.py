@@ -94,6 +94,13 @@ DEFAULT_RULES = "rules/default.yaml"
     metavar="URL",
     help="The OpenAI-compatible server to guard, e.g. https://api.openai.com/v1. Default: the built-in demo model.",
 )
+@click.option(
+    "--pass-through",
+    "pass_through",
+    multiple=True,
+    metavar="GLOB",
+    help="Forward requests on paths matching GLOB unguarded (the proxy refuses API paths it cannot guard).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="The interface to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option(
@@ -111,13 +118,21 @@ DEFAULT_RULES = "rules/default.yaml"
     help="Log level of the server and the guard.",
 )
 def serve(
-    rule_files: tuple[str, ...], upstream: str | None, host: str, port: int, workers: int, log_level: str
+    rule_files: tuple[str, ...],
+    upstream: str | None,
+    pass_through: tuple[str, ...],
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
 ) -> None:
     """Run the guarding proxy in front of an OpenAI-compatible model server.
 
-    POST /v1/chat/completions goes to the upstream (streaming or not), with the client's
-    end-to-end headers, Authorization included; streamed answers are guarded by the rules.
-    Other /v1/... paths are forwarded unguarded. GET /metrics serves Prometheus metrics,
+    Each dialect's endpoint (POST /v1/chat/completions, /v1/responses, /v1/messages...) goes to
+    the upstream with the client's end-to-end headers, credentials included; its answers,
+    streamed or not, are guarded by the rules. Models lists and embeddings are forwarded
+    unguarded; other API paths are refused unless --pass-through names them. Paths are
+    resolved first (dot segments, repeated slashes), and forwarded as resolved. GET /metrics serves Prometheus metrics,
     GET /healthz answers {"status":"ok"}. A fallback with a url gets the client's credentials
     only if it is on the upstream's origin (scheme, host and port).
 
@@ -146,7 +161,13 @@ def serve(
             raise click.UsageError(f"give a rule file with --rules FILE (there is no {DEFAULT_RULES} here)")
         rule_files = (DEFAULT_RULES,)
     try:
-        run(ServeSettings(rule_files, upstream), host=host, port=port, workers=workers, log_level=log_level)
+        run(
+            ServeSettings(rule_files, upstream, pass_through),
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+        )
     except ConfigError as exc:
         _print_problems(exc.problems)
         raise SystemExit(1) from None

@@ -152,7 +152,7 @@ def test_packs_load_with_the_expected_rules(secrets: RuleSet, default: RuleSet) 
     ]
     assert {rule.action for rule in secrets.rules} == {Action.REDACT}
     (group,) = default.groups
-    assert group.paths == ("/v1/chat/completions",)
+    assert group.paths == ("/v1/*", "/v1beta/*", "/api/*")
     assert [(rule.name, rule.action) for rule in group.rules] == [
         ("secrets", Action.REDACT),
         ("pii", Action.REDACT),

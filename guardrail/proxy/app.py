@@ -3,11 +3,20 @@
 Routes of :class:`GuardingProxy`:
 
 =========================  =================================================================
-``/v1/chat/completions``   forwarded to the upstream (or the demo model), guarded by the rules
-other ``/v1/...``          forwarded unguarded (models list, embeddings...)
+a dialect's endpoint       forwarded to the upstream (or the demo model), guarded by the rules
+                           (``/v1/chat/completions``, ``/v1/responses``, ``/v1/messages``...:
+                           see :data:`~guardrail.core.dialects.ENDPOINTS`)
+text-free endpoints        forwarded unguarded: models lists and embeddings (:data:`TEXT_FREE`)
+``--pass-through`` globs   forwarded unguarded, on the operator's say-so
+other ``/v1``, ``/api``    refused (403, ``endpoint_not_guarded``): the guard cannot read them
 ``/metrics``               Prometheus metrics (see :mod:`guardrail.metrics`)
 ``/healthz``               ``{"status":"ok"}``
 =========================  =================================================================
+
+Every path is resolved first (see :mod:`guardrail.asgi.paths`): the proxy routes, guards and
+forwards the resolved path, so ``/v1/./chat/completions`` is guarded like the real one and
+reaches the upstream spelled the same way; a path that cannot be resolved safely is refused
+with a 400.
 
 The rules are reloaded while the proxy runs (see :mod:`guardrail.proxy.reload`); the reload
 watcher and the upstream client live in the app's lifespan, so serve it with lifespan on.
@@ -19,7 +28,8 @@ settings in environment variables that :func:`create_app` (``guardrail.proxy.app
 a factory) reads in every worker:
 
 * ``GUARDRAIL_RULES``: the rule files, separated by ``os.pathsep`` (``:`` on Unix);
-* ``GUARDRAIL_UPSTREAM``: the upstream base URL; unset or empty for the demo model.
+* ``GUARDRAIL_UPSTREAM``: the upstream base URL; unset or empty for the demo model;
+* ``GUARDRAIL_PASS_THROUGH``: path globs forwarded unguarded, separated by ``os.pathsep``.
 
 The same factory serves under any ASGI server, e.g.
 ``GUARDRAIL_RULES=rules/default.yaml uvicorn --factory guardrail.proxy.app:create_app``. It
@@ -33,12 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import gc
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 from prometheus_client import CollectorRegistry
@@ -46,7 +58,9 @@ from prometheus_client import CollectorRegistry
 from guardrail._asgi import openai_error, send_json
 from guardrail._types import ASGIApp, Receive, Scope, Send
 from guardrail.asgi.branch import CREDENTIAL_ORIGINS_KEY, display_url, origin_of
+from guardrail.asgi.paths import canonical_path
 from guardrail.config import RuleSet, load_rules
+from guardrail.core.dialects import dialect_for_path
 from guardrail.metrics import GuardMetrics, metrics_app
 from guardrail.proxy.demo import DemoModel
 from guardrail.proxy.reload import DEFAULT_POLL_SECONDS, ReloadingGuard
@@ -54,12 +68,31 @@ from guardrail.proxy.upstream import UpstreamProxy
 
 logger = logging.getLogger(__name__)
 
+# Characters a resolved path keeps as they are when it is written back as a raw path.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
 ENV_RULES = "GUARDRAIL_RULES"
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # How long in-flight streams may take to finish once the server is asked to stop.
 GRACEFUL_SHUTDOWN_SECONDS = 10.0
 ENV_UPSTREAM = "GUARDRAIL_UPSTREAM"
+ENV_PASS_THROUGH = "GUARDRAIL_PASS_THROUGH"
 CHAT_PATH = "/v1/chat/completions"
+# The API prefixes the proxy serves: under them, a path is guarded, known text-free, passed on
+# the operator's say-so, or refused.
+API_PREFIXES = ("/v1/", "/v1beta/", "/api/")
+# Endpoints whose answers carry no model text: forwarded unguarded (method, path glob).
+TEXT_FREE = (
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/*"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("GET", "/api/tags"),
+    ("GET", "/api/version"),
+    ("POST", "/api/embed"),
+    ("POST", "/api/embeddings"),
+    ("GET", "/v1beta/models"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +107,7 @@ class ServeSettings:
 
     rules: tuple[str, ...]
     upstream: str | None = None
+    pass_through: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
@@ -92,11 +126,16 @@ class ServeSettings:
         rules = tuple(path for path in env.get(ENV_RULES, "").split(os.pathsep) if path)
         if not rules:
             raise ValueError(f"{ENV_RULES} must name at least one rule file (several separated by {os.pathsep!r})")
-        return cls(rules, env.get(ENV_UPSTREAM) or None)
+        passed = tuple(glob for glob in env.get(ENV_PASS_THROUGH, "").split(os.pathsep) if glob)
+        return cls(rules, env.get(ENV_UPSTREAM) or None, passed)
 
     def to_env(self) -> dict[str, str]:
         """The environment variables :meth:`from_env` reads back into these settings."""
-        return {ENV_RULES: os.pathsep.join(self.rules), ENV_UPSTREAM: self.upstream or ""}
+        return {
+            ENV_RULES: os.pathsep.join(self.rules),
+            ENV_UPSTREAM: self.upstream or "",
+            ENV_PASS_THROUGH: os.pathsep.join(self.pass_through),
+        }
 
     def describe_model(self) -> str:
         """What answers, for the log: the upstream without credentials, or the demo model."""
@@ -138,17 +177,46 @@ class GuardingProxy:
             await self._route(scope, receive, send)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        if path == CHAT_PATH:
+        path = canonical_path(scope.get("path", ""), scope.get("raw_path"))
+        if path is None:
+            message = (
+                "This request path cannot be read safely (encoded slashes, NUL, '..' above the root, or too long)."
+            )
+            await send_json(send, 400, openai_error(message, type="invalid_request_error", code="invalid_path"))
+            return
+        method = str(scope.get("method", "GET")).upper()
+        lowered = path.lower()
+        # From here on the app, the guard and the upstream see the resolved path, and only it.
+        scope = {**scope, "path": path, "raw_path": quote(path, safe=_PATH_SAFE).encode("ascii"), "root_path": ""}
+        if dialect_for_path(lowered) is not None and lowered.startswith(API_PREFIXES):
+            scope = {**scope, "path": lowered, "raw_path": quote(lowered, safe=_PATH_SAFE).encode("ascii")}
+            if not self.guard.rules.rules_for(lowered) and not self._passed(lowered):
+                await self._refuse(send, method, path, "the rule files do not guard it (their `paths`)")
+                return
             await self.guard({**scope, CREDENTIAL_ORIGINS_KEY: self._credential_origins}, receive, send)
-        elif path.startswith("/v1/"):
-            await self.model(scope, receive, send)
+        elif lowered.startswith(API_PREFIXES):
+            if self._passed(path) or any(method == m and fnmatch.fnmatchcase(lowered, g) for m, g in TEXT_FREE):
+                await self.model(scope, receive, send)
+            else:
+                await self._refuse(send, method, path, "guardrail cannot read its answers")
         elif path == "/metrics":
             await self.metrics(scope, receive, send)
-        elif path == "/healthz":
+        elif path in ("/healthz", "/readyz"):
             await send_json(send, 200, {"status": "ok"})
         else:
             await send_json(send, 404, openai_error(f"Not found: {path}", type="invalid_request_error", code=None))
+
+    def _passed(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, glob) for glob in self.settings.pass_through)
+
+    async def _refuse(self, send: Send, method: str, path: str, why: str) -> None:
+        message = (
+            f"{method} {path} is not forwarded: {why}. An operator can forward it unguarded on purpose "
+            f"with --pass-through '{path}' (GUARDRAIL_PASS_THROUGH)."
+        )
+        logger.warning("refused %s %s: %s", method, path, why)
+        error = openai_error(message, type="invalid_request_error", code="endpoint_not_guarded")
+        await send_json(send, 403, error, [(b"x-should-retry", b"false")])
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()

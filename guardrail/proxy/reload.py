@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 # Often enough that an edit shows within a second or two; a stat per file costs microseconds.
 DEFAULT_POLL_SECONDS = 1.0
 
+# A changed file is read only once it has not changed for this long (an editor or a deploy may
+# still be writing it), and read twice: both reads must agree, or the reload waits.
+SETTLE_SECONDS = 0.5
+
 _Signature = tuple[tuple[int, int, int] | None, ...]
 
 
@@ -48,6 +52,17 @@ def _signature(paths: Sequence[str]) -> _Signature:
         else:
             stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
     return tuple(stamps)
+
+
+def _contents(paths: Sequence[str]) -> tuple[bytes | None, ...]:
+    contents: list[bytes | None] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as file:
+                contents.append(file.read())
+        except OSError:
+            contents.append(None)
+    return tuple(contents)
 
 
 class ReloadingGuard:
@@ -111,17 +126,26 @@ class ReloadingGuard:
             True if the new rules are in force; False if they were refused (the problems are
             logged at ERROR, and the old rules stay).
         """
-        self._signature = _signature(self.paths)
+        before = await anyio.to_thread.run_sync(_contents, self.paths)
         try:
             # In a thread: reading YAML, compiling regexes and importing plugins would stall streams.
             rules = await anyio.to_thread.run_sync(load_rules, self.paths)
         except ConfigError as exc:
+            if await anyio.to_thread.run_sync(_contents, self.paths) != before:
+                logger.info("rule files changed while being read (%s); reloading once they settle", reason)
+                return False
+            self._signature = _signature(self.paths)
             logger.error(
                 "rule reload (%s) refused, the previous rules stay in force; %d problem(s):", reason, len(exc.problems)
             )
             for problem in exc.problems:
                 logger.error("  %s", problem)
             return False
+        if await anyio.to_thread.run_sync(_contents, self.paths) != before:
+            # Read while still being written: a file cut at a rule boundary parses, and guards less.
+            logger.info("rule files changed while being read (%s); reloading once they settle", reason)
+            return False
+        self._signature = _signature(self.paths)
         self._current = self._build(rules)
         self.generation += 1
         logger.info(
@@ -140,8 +164,17 @@ class ReloadingGuard:
             task_status.started()
             while True:
                 await anyio.sleep(self.poll_seconds)
-                if _signature(self.paths) != self._signature:
-                    await self.reload("changed")
+                seen = _signature(self.paths)
+                if seen == self._signature:
+                    continue
+                # Wait until the files stop changing: a deploy or an editor may be writing them.
+                while True:
+                    await anyio.sleep(min(SETTLE_SECONDS, self.poll_seconds))
+                    now = _signature(self.paths)
+                    if now == seen:
+                        break
+                    seen = now
+                await self.reload("changed")
 
     async def _reload_on_sighup(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with anyio.open_signal_receiver(signal.SIGHUP) as signals:
