@@ -292,3 +292,31 @@ def test_the_served_proxy_freezes_its_startup_objects_once_started() -> None:
             gc.unfreeze()
     assert frozen_when_started[False] == 0
     assert frozen_when_started[True] > 10_000  # the modules, the app and its rules
+
+
+def test_the_access_log_masks_credentials_in_query_strings() -> None:
+    process = subprocess.Popen(
+        [*guardrail_command(), "serve", "--rules", str(DEFAULT_RULES), "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,  # uvicorn's access log
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None and process.stderr is not None
+    access, log = ServerLog(process.stdout), ServerLog(process.stderr)
+    secret = "SeCrEt-" + "7" * 12
+    try:
+        base_url = log.wait_for(LISTENING).group(1)
+        url = f"{base_url}/v1/models?api-version=2024&api-key={secret}&token={secret}"
+        assert httpx.get(url, timeout=TIMEOUT).status_code == 200
+        line = access.wait_for(re.compile(r'"GET /v1/models\?[^"]*"')).group(0)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=TIMEOUT)
+        access.join()
+        log.join()
+        process.stdout.close()
+        process.stderr.close()
+    assert "api-key=***" in line and "token=***" in line and "api-version=2024" in line
+    assert secret not in "".join(access.lines + log.lines)

@@ -22,11 +22,14 @@ response (``_branch``; the HTTP half is :mod:`guardrail.asgi.branch`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
+import sys
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -55,6 +58,7 @@ from guardrail.core.outputs import (
 )
 from guardrail.core.rule import Action, BoundRule
 from guardrail.core.tokens import BPEEncoding
+from guardrail.exceptions import UpstreamStreamError
 from guardrail.metrics import GuardMetrics
 from guardrail.rules.budget import TokenBudget, count_prompt_tokens
 from guardrail.tokenizers import get_encoding
@@ -133,6 +137,55 @@ class GuardrailMiddleware:
         await _GuardedResponse(self, rules, scope, send, encoding, forms[0]).run(receive)
 
 
+# The async generators first iterated while a guarded request runs (its app, its response body).
+_GENERATORS: contextvars.ContextVar[list[weakref.ref[AsyncGenerator[Any, Any]]]] = contextvars.ContextVar(
+    "guardrail_generators"
+)
+# How long closing an app's generators after the guard stopped it may take.
+CLOSE_GENERATORS_SECONDS = 1.0
+
+
+def _track_async_generators() -> None:
+    """Note every async generator first iterated in a guarded request (see :func:`_close_generators`).
+
+    The event loop's own hooks keep working: the hook is wrapped, per thread, once.
+    """
+    hooks = sys.get_asyncgen_hooks()
+    if getattr(hooks.firstiter, "_guardrail", False):
+        return
+    original = hooks.firstiter
+
+    def firstiter(generator: AsyncGenerator[Any, Any]) -> None:
+        tracked = _GENERATORS.get(None)
+        if tracked is not None:
+            tracked.append(weakref.ref(generator))
+        if original is not None:
+            original(generator)
+
+    firstiter._guardrail = True  # type: ignore[attr-defined]
+    sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=hooks.finalizer)
+
+
+async def _close_generators(generators: list[weakref.ref[AsyncGenerator[Any, Any]]]) -> None:
+    """Close the generators the app left suspended when the guard stopped it.
+
+    Cancelling the app stops it at its next await; a response body generator suspended at a
+    ``yield`` is not resumed, so its ``finally`` (and the ``async with`` of the upstream stream
+    inside it) would run only when the garbage collector finds it: the upstream would go on
+    generating, and its connection stay taken. Closing them now releases both.
+    """
+    for ref in generators:
+        generator = ref()
+        state: Any = generator
+        if generator is None or state.ag_frame is None or state.ag_running:  # finished, or running right now
+            continue
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_GENERATORS_SECONDS):
+            try:
+                await generator.aclose()
+            except Exception as exc:  # its own cleanup failed: nothing to do but say so
+                logger.debug("closing an app generator raised %r", exc)
+
+
 class _GuardedResponse:
     """One request's guard: decides at ``http.response.start`` whether the body is a stream to guard."""
 
@@ -176,6 +229,7 @@ class _GuardedResponse:
         # The app's response start, held until the guard knows how to read the body (and, for a
         # whole body, until it is guarded); then how to read it.
         self.held_start: Message | None = None
+        self.app_error: Exception | None = None
         self.app_started = False
         self.content_type = b""
         self.decoder: ContentDecoder | None = None
@@ -183,6 +237,21 @@ class _GuardedResponse:
         self.framing = Framing.SSE
 
     async def run(self, receive: Receive) -> None:
+        generators: list[weakref.ref[AsyncGenerator[Any, Any]]] = []
+        token = _GENERATORS.set(generators)
+        _track_async_generators()
+        try:
+            await self._run(receive)
+        finally:
+            _GENERATORS.reset(token)
+            if self.app_scope.cancel_called:
+                await _close_generators(generators)
+        self._finish()
+        if self.app_error is not None:
+            # ASGI manners: the server sees the app's own exception (the client has its ending).
+            raise self.app_error
+
+    async def _run(self, receive: Receive) -> None:
         self.request, self.replay, whole = await read_request(receive)
         if self.request.payload is not None and self.encoding is not None:
             self.prompt_tokens = count_prompt_tokens(self.request.payload, self.encoding)
@@ -206,7 +275,6 @@ class _GuardedResponse:
                     await self._branch(self.branch)
             finally:
                 tasks.cancel_scope.cancel()
-        self._finish()
 
     # -- receive ----------------------------------------------------------------------------
 
@@ -550,11 +618,13 @@ class _GuardedResponse:
                 await self._emit(self.guard.close(now), now, more_body=False)
 
     async def _app_failed(self, exc: Exception) -> None:
+        """End the answer as the app's failure allows; the exception is re-raised once the client has it."""
+        if not isinstance(exc, UpstreamStreamError):  # the proxy's own signal, handled here in full
+            self.app_error = exc
         if self.closed or self.branch is not None:
-            logger.debug("app raised after its stream ended: %r", exc)
             return
         if self.response_started and self.guard is None:
-            raise exc  # not a guarded stream: not ours to mend
+            return  # not a guarded stream: not ours to mend
         logger.error("app failed while streaming %s", self.scope.get("path", ""), exc_info=exc)
         async with self.send_lock:
             if not self.response_started:

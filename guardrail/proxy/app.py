@@ -47,6 +47,7 @@ import fnmatch
 import gc
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -394,4 +395,25 @@ def _log_config(level: str) -> dict[str, Any]:
         "stream": "ext://sys.stderr",
     }
     config["loggers"]["guardrail"] = {"handlers": ["guardrail"], "level": level.upper(), "propagate": False}
+    config.setdefault("filters", {})["credentials"] = {"()": "guardrail.proxy.app.MaskCredentials"}
+    config["handlers"]["access"]["filters"] = ["credentials"]
     return config
+
+
+# Query parameters that carry credentials (Azure's api-key, Google's key, signed URLs' sig...).
+_CREDENTIAL_QUERY = re.compile(
+    r"(?i)([?&;](?:key|api[-_]?key|x-api-key|token|access[-_]?token|id[-_]?token|refresh[-_]?token|auth"
+    r"|authorization|sig|signature|secret|client[-_]?secret|password|passwd|code)=)[^&;#\s]*"
+)
+
+
+class MaskCredentials(logging.Filter):
+    """Masks credential query parameters in access log lines: ``?api-key=***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                _CREDENTIAL_QUERY.sub(r"\1***", arg) if isinstance(arg, str) and "=" in arg else arg
+                for arg in record.args
+            )
+        return True
