@@ -56,7 +56,7 @@ async def test_a_failure_mid_stream_ends_it_in_dialect_then_reaches_the_server()
             http_scope(CHAT_PATH), Receiver(), recorder
         )
     assert recorder.content == "Hello"
-    assert json.loads(recorder.events[-1].data)["error"]["code"] == "upstream_error"
+    assert json.loads(recorder.events[-1].data or "{}")["error"]["code"] == "upstream_error"
     recorder.assert_ended_cleanly()
 
 
