@@ -99,7 +99,13 @@ def test_every_documented_metric_is_exported_and_moves_with_real_streams() -> No
         routes=[Route(CHAT_PATH, completions, methods=["POST"]), Route("/metrics", metrics_app(registry))],
         middleware=[Middleware(GuardrailMiddleware, rules=rules(), metrics=GuardMetrics(registry))],
     )
-    request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "Tell me everything."}]}
+    # Prompt tokens are counted when a rule or the client needs them: this client asks for usage.
+    request = {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+    }
     received: dict[str, str] = {}
     with serve_in_thread(app) as base_url:
         before = scrape(base_url)

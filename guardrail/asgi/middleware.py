@@ -28,7 +28,7 @@ import os
 import sys
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import anyio
@@ -60,13 +60,26 @@ from guardrail.core.rule import Action, BoundRule
 from guardrail.core.tokens import BPEEncoding
 from guardrail.exceptions import UpstreamStreamError
 from guardrail.metrics import GuardMetrics
-from guardrail.rules.budget import TokenBudget, count_prompt_tokens
+from guardrail.rules.budget import TokenBudget
 from guardrail.tokenizers import get_encoding
 
 logger = logging.getLogger(__name__)
 
 RuleSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | RuleSet
 RecordCallback = Callable[[StreamRecord], None]
+
+# Prompts up to this size are counted on the event loop (well under a millisecond); larger ones
+# in a worker thread, so that one request never stalls the others' streams.
+PROMPT_INLINE_BYTES = 16 * 1024
+# Prompts over this size are not counted at all: a prompt budget refuses them.
+PROMPT_MAX_BYTES = 4 * 1024 * 1024
+PROMPT_TOO_LARGE = 1 << 62  # stands for the count of a prompt over PROMPT_MAX_BYTES
+
+
+def _asks_for_usage(payload: Mapping[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
 
 # Deltas are counted in guardrail_deltas_total this many at a time (and at the end of the
 # stream), and one delta in this many has its check time observed in guardrail_check_seconds.
@@ -254,9 +267,11 @@ class _GuardedResponse:
     async def _run(self, receive: Receive) -> None:
         self.request, self.replay, whole = await read_request(receive)
         if self.request.payload is not None and self.encoding is not None:
-            self.prompt_tokens = count_prompt_tokens(self.request.payload, self.encoding)
-            if await self._refused_prompt(self.prompt_tokens):
+            self.prompt_tokens = await self._count_prompt(self.request.payload, self.encoding)
+            if self.prompt_tokens is not None and await self._refused_prompt(self.prompt_tokens):
                 return
+        elif not whole and await self._refused_prompt(PROMPT_TOO_LARGE):
+            return  # a body too large to keep cannot be counted: a prompt budget refuses it
         if self.request.stream:
             self._arm()  # first-token limits count from the request, before any response
         async with anyio.create_task_group() as tasks:
@@ -637,18 +652,52 @@ class _GuardedResponse:
             outputs = self.guard.upstream_failed(f"{type(exc).__name__} while streaming", now)
             await self._emit(outputs, now, more_body=False)
 
+    async def _count_prompt(self, payload: Mapping[str, Any], encoding: BPEEncoding) -> int | None:
+        """The request's prompt tokens, counted only when needed and never on the event loop for long.
+
+        Counted when a rule has a prompt budget, or the client asked for usage that the guard may
+        have to write. A budget the body's size cannot exceed (a token is at least one byte) needs
+        no count. Prompts over :data:`PROMPT_INLINE_BYTES` are counted in a worker thread; over
+        :data:`PROMPT_MAX_BYTES` not at all (a prompt budget then refuses the request).
+        """
+        budgets = [
+            rule.rule.max_prompt_tokens
+            for rule in self.rules
+            if isinstance(rule.rule, TokenBudget) and rule.rule.max_prompt_tokens is not None
+        ]
+        size = len(self.request.body or b"")
+        needed = bool(budgets) and size > min(budgets)
+        if not needed and not _asks_for_usage(payload):
+            return None
+        if size > PROMPT_MAX_BYTES:
+            return PROMPT_TOO_LARGE if needed else None
+        name = self.middleware.rules.dialect_for(self.path) or dialect_for_path(self.path) or "openai_chat"
+        dialect = get_dialect(name)
+        encode = encoding.encode_ordinary
+
+        def count() -> int:
+            return dialect.prompt_tokens(payload, lambda text: len(encode(text)))
+
+        if size <= PROMPT_INLINE_BYTES:
+            return count()
+        return await anyio.to_thread.run_sync(count)
+
     async def _refused_prompt(self, prompt_tokens: int) -> bool:
         """Refuse a prompt over a ``max_prompt_tokens`` budget with a 400, before the app runs."""
         for rule in self.rules:
             budget = rule.rule
             if not isinstance(budget, TokenBudget) or not budget.prompt_over_budget(prompt_tokens):
                 continue
-            detail = f"prompt of {prompt_tokens} tokens over {budget.max_prompt_tokens}"
+            if prompt_tokens == PROMPT_TOO_LARGE:
+                detail = "prompt too large to count"
+            else:
+                detail = f"prompt of {prompt_tokens} tokens over {budget.max_prompt_tokens}"
             self._intervened(Intervention(rule.name, rule.action, "prompt", 0, 0, 0, detail))
             if rule.action is Action.LOG:
                 continue
+            counted = f"{prompt_tokens} tokens" if prompt_tokens != PROMPT_TOO_LARGE else "too many tokens to count"
             message = (
-                f"This request's messages have {prompt_tokens} tokens, more than the {budget.max_prompt_tokens} "
+                f"This request's messages have {counted}, more than the {budget.max_prompt_tokens} "
                 f"allowed here (rule {rule.name!r}). Shorten the conversation and try again."
             )
             await self._send_error_response(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,8 +22,16 @@ from guardrail.rules.phrases import UNSPACED, PhraseIndex, indexable
 from guardrail.rules.textview import FoldedChecker, fold_text
 
 # Regexes run inside the event loop, after every delta: a pathological pattern must not stall
-# every stream on the process. 50 ms is ~1000x the cost of an ordinary scan.
-PATTERN_TIMEOUT_SECONDS = 0.05
+# every stream on the process. One search may take this long (the default of ``timeout``)...
+PATTERN_TIMEOUT_SECONDS = 0.02
+# ...and one scan of a piece of text, every search in it included, this long: past it the rule
+# fails (and the guard fails closed). 45 ms is about 1000x the cost of an ordinary scan.
+SCAN_BUDGET_SECONDS = 0.045
+
+# A match pending over more than this many characters (a PEM block on its way) is searched again
+# only once the text after its start has grown by a quarter, so a long pending match costs
+# O(n log n) instead of a search of all of it after every delta.
+SHORT_PENDING_CHARS = 64
 
 # Characters kept before the scan position so that \b, (?<!\w) and short lookbehinds see the
 # text they need. Lookbehinds reaching further back than this see a truncated string.
@@ -358,7 +367,17 @@ class _Both:
 class BannedPatternsChecker:
     """Per-channel scan state: the unscanned tail of the text and where the next scan starts."""
 
-    __slots__ = ("_base", "_prefilter", "_scan", "_searchers", "_singles", "_tail", "_timeout")
+    __slots__ = (
+        "_base",
+        "_deadline",
+        "_prefilter",
+        "_scan",
+        "_searched_to",
+        "_searchers",
+        "_singles",
+        "_tail",
+        "_timeout",
+    )
 
     def __init__(
         self,
@@ -374,6 +393,8 @@ class BannedPatternsChecker:
         self._tail = ""  # the text from offset _base on
         self._base = 0
         self._scan = 0  # no match can start before this offset, apart from hits already reported
+        self._searched_to = 0  # the end of the text at the last search
+        self._deadline = 0.0
 
     def feed(self, text: str) -> Verdict:
         """Scan the channel's next piece of text."""
@@ -395,6 +416,13 @@ class BannedPatternsChecker:
                 self._base += len(tail) - LOOKBEHIND_CHARS
                 self._tail = tail[-LOOKBEHIND_CHARS:]
             return Verdict(self._scan)
+        pending = self._scan - self._base
+        if (
+            not idle
+            and start - pending > SHORT_PENDING_CHARS
+            and (len(tail) - pending) * 4 < (self._searched_to - self._base - pending) * 5
+        ):
+            return Verdict(self._scan)  # a long pending match: searched again once it has grown by a quarter
         return self._scan_tail(final=False)
 
     def finish(self) -> Verdict:
@@ -404,12 +432,7 @@ class BannedPatternsChecker:
     def _earliest(self, pos: int, final: bool) -> tuple[regex.Match[str], _Searcher] | None:
         best: tuple[regex.Match[str], _Searcher] | None = None
         for searcher in self._searchers:
-            try:
-                match = searcher.pattern.search(self._tail, pos, partial=not final, timeout=self._timeout)
-            except TimeoutError:
-                # The timeout is wall-clock time: a busy host can preempt an ordinary search past
-                # it. A pattern that is really too slow times out the second time as well.
-                match = self._search_again(searcher, pos, final)
+            match = self._search(searcher, pos, final)
             if match is not None and (best is None or match.start() < best[0].start()):
                 best = (match, searcher)
         return best
@@ -421,10 +444,7 @@ class BannedPatternsChecker:
         for single in self._singles:
             if single.labels[0] == label:
                 continue
-            try:
-                match = single.pattern.search(self._tail, start + 1, partial=not final, timeout=self._timeout)
-            except TimeoutError:
-                match = self._search_again(single, start + 1, final)
+            match = self._search(single, start + 1, final)
             if match is None or match.start() >= stop or (match.end() <= stop and not match.partial):
                 continue
             pending = match.partial or (not final and match.end() + LOOKAHEAD_CHARS > end)
@@ -432,18 +452,32 @@ class BannedPatternsChecker:
                 best = (match.start(), match.end(), single.labels[0], pending)
         return best
 
-    def _search_again(self, searcher: _Searcher, pos: int, final: bool) -> regex.Match[str] | None:
-        try:
-            return searcher.pattern.search(self._tail, pos, partial=not final, timeout=self._timeout)
-        except TimeoutError:
-            label = searcher.labels[0] if len(searcher.labels) == 1 else "patterns"
-            raise TimeoutError(
-                f"{label} took over {self._timeout * 1000:.0f} ms, twice, on {len(self._tail) - pos} characters"
-            ) from None
+    def _search(self, searcher: _Searcher, pos: int, final: bool) -> regex.Match[str] | None:
+        """One search, within what is left of the scan's time budget.
+
+        The timeout is wall-clock time: a busy host can preempt an ordinary search past it, so a
+        timed-out search is tried once more if the budget allows. A pattern that is really too
+        slow runs out of the budget, and the rule fails.
+        """
+        for _ in range(2):
+            left = self._deadline - time.perf_counter()
+            if left <= 0.001:
+                break
+            try:
+                return searcher.pattern.search(self._tail, pos, partial=not final, timeout=min(self._timeout, left))
+            except TimeoutError:
+                continue
+        label = searcher.labels[0] if len(searcher.labels) == 1 else "patterns"
+        raise TimeoutError(
+            f"{label} took over the {SCAN_BUDGET_SECONDS * 1000:.0f} ms a scan may take, "
+            f"on {len(self._tail) - pos} characters"
+        )
 
     def _scan_tail(self, *, final: bool) -> Verdict:
         hits: list[Hit] = []
         end = len(self._tail)
+        self._deadline = time.perf_counter() + SCAN_BUDGET_SECONDS
+        self._searched_to = self._base + end
         pos = self._scan - self._base
         while pos < end:
             found = self._earliest(pos, final)
