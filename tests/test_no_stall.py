@@ -43,7 +43,7 @@ async def test_a_prompt_too_large_to_count_is_refused_under_a_prompt_budget(size
 
     recorder = Recorder()
     with anyio.fail_after(10):
-        await GuardrailMiddleware(app, rules=rules())(http_scope(CHAT_PATH), Receiver(body.encode()), recorder)  # type: ignore[arg-type]
+        await GuardrailMiddleware(app, rules=rules())(http_scope(CHAT_PATH), Receiver(body.encode()), recorder)
     assert recorder.start["status"] == 400
     assert json.loads(recorder.body)["error"]["code"] == "prompt_too_long"
     assert called == []
