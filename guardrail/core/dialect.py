@@ -74,6 +74,8 @@ class Parsed(NamedTuple):
         waits: channel-name prefixes whose held text must go out before this frame.
         data: the dialect's own reading of the frame (the JSON object), for ``rewrite``.
         detail: for MALFORMED and UNKNOWN frames, what was wrong.
+        derived: the frame repeats channel text (a ``*.done`` event, a snapshot): it is always
+            re-rendered, from what the client received.
     """
 
     kind: EventKind
@@ -84,6 +86,7 @@ class Parsed(NamedTuple):
     waits: tuple[str, ...] = ()
     data: Any = None
     detail: str = ""
+    derived: bool = False
 
 
 class StopReason(enum.Enum):
@@ -139,7 +142,11 @@ class Ledger(Protocol):
 
 
 class DialectStream(Protocol):
-    """One response in one dialect: reads its frames, writes what the guard adds or changes."""
+    """One response in one dialect: reads its frames, writes what the guard adds or changes.
+
+    A stream may also define ``outgoing(data: bytes) -> bytes``: the engine then passes every
+    byte for the client through it (the Responses dialect renumbers its events there).
+    """
 
     framing: Framing
     dialect_name: str

@@ -48,7 +48,6 @@ from guardrail.core.dialect import (
     EventKind,
     Fail,
     FallbackText,
-    Framing,
     Parsed,
     Stop,
     StopReason,
@@ -362,6 +361,8 @@ class StreamGuard:
             options.setdefault("prompt_tokens", prompt_tokens)
             dialect = default_stream(continuation=continuation, **options)
         self.stream = dialect
+        # Only dialects that must touch every outgoing byte (Responses renumbers its events) have one.
+        self._outgoing = getattr(dialect, "outgoing", None)
         self._frames = frames_for(dialect.framing)
         self._continuation = continuation
         self._channels: dict[str, _ChannelGuard] = {}
@@ -634,9 +635,7 @@ class StreamGuard:
             if rewritten:
                 wire.append(rewritten)
             wire.append(_Wait(parsed.waits, parsed))
-        elif whole and self.stream.framing is not Framing.JSON:
-            wire.append(parsed.raw)
-        elif whole:
+        elif whole and not parsed.derived:
             wire.append(parsed.raw)
         else:
             rewritten = self.stream.rewrite(parsed, texts, self)
@@ -792,6 +791,8 @@ class StreamGuard:
                     wire[position] = self.stream.closing(item.parsed, self)
         # One piece, nearly always an event passed through whole, goes out as the very bytes that came in.
         data = cast(bytes, wire[0]) if len(wire) == 1 else b"".join(cast(list[bytes], wire))
+        if data and self._outgoing is not None:
+            data = self._outgoing(data)
         if data:
             # Ended, if present, comes last: the bytes before it still go out.
             if out and isinstance(out[-1], Ended):

@@ -14,10 +14,16 @@ from guardrail.core.dialect import Dialect, DialectStream, Framing
 # name: module (each defines DIALECT)
 DIALECTS = {
     "openai_chat": "guardrail.core.dialects.openai_chat",
+    "openai_responses": "guardrail.core.dialects.openai_responses",
+    "anthropic_messages": "guardrail.core.dialects.anthropic",
 }
 
 # The end of a request path, and the dialect that answers there.
-ENDPOINTS: tuple[tuple[str, str], ...] = (("/chat/completions", "openai_chat"),)
+ENDPOINTS: tuple[tuple[str, str], ...] = (
+    ("/chat/completions", "openai_chat"),
+    ("/responses", "openai_responses"),
+    ("/messages", "anthropic_messages"),
+)
 
 
 def get_dialect(name: str) -> Dialect:
