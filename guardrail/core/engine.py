@@ -328,10 +328,8 @@ class StreamGuard:
     Args:
         rules: the rules that apply to this stream.
         dialect: the response's :class:`~guardrail.core.dialect.DialectStream` (its framing
-            says how the body is cut). By default an OpenAI chat completion stream, started
-            with ``options`` (``identity``, ``include_usage``, ``prompt_tokens``,
-            ``tokens_before``, ``continuation``: see
-            :class:`~guardrail.core.dialects.openai_chat.ChatStream`).
+            says how the body is cut). By default the default dialect's stream (see
+            :func:`~guardrail.core.dialects.default_stream`), started with ``options``.
         start: when the request started, on the clock the shell passes as ``now``.
         encoding: the tiktoken encoding that counts completion tokens (see
             :meth:`completion_tokens`); None: no counting, no usage written by the guard.
