@@ -267,13 +267,239 @@ Generator = Callable[[random.Random], bytes]
 Reader = Callable[[bytes], list[str]]
 
 
+# -- OpenAI Responses ----------------------------------------------------------------------------
+
+
+def _named(kind: str, obj: dict[str, Any], rng: random.Random) -> bytes:
+    return (f"event: {kind}\n").encode() + sse(obj, rng)
+
+
+def responses_stream(rng: random.Random) -> bytes:
+    """One Responses stream from the grammar: message, function call and reasoning items, any order."""
+    numbers = iter(range(100_000))
+    events: list[bytes] = []
+
+    def emit(kind: str, **fields: Any) -> None:
+        obj = {"type": kind, "sequence_number": next(numbers), **fields}
+        if rng.random() < 0.03:
+            obj[rng.choice(["x_note", text(rng)])] = text(rng)
+        events.append(_named(kind, obj, rng))
+        if rng.random() < 0.03:
+            events.append(b": " + text(rng).replace("\n", " ").replace("\r", " ").encode() + b"\n\n")
+
+    head = {"id": "resp_1", "object": "response", "created_at": 1, "model": "m"}
+    emit("response.created", response={**head, "status": "in_progress", "output": []})
+    output: list[dict[str, Any]] = []
+    for index in range(rng.randint(1, 3)):
+        shape = rng.choice(["message", "message", "function_call", "reasoning"])
+        item_id = f"item_{index}"
+        if shape == "message":
+            item: dict[str, Any] = {
+                "id": item_id,
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            emit("response.output_item.added", output_index=index, item=item)
+            parts = []
+            for content in range(rng.randint(1, 2)):
+                field, kind = rng.choice([("text", "output_text"), ("refusal", "refusal")])
+                where = {"item_id": item_id, "output_index": index, "content_index": content}
+                emit("response.content_part.added", **where, part={"type": kind, field: ""})
+                value = text(rng)
+                prefix = "response.output_text" if kind == "output_text" else "response.refusal"
+                for piece in cut(rng, value):
+                    emit(f"{prefix}.delta", **where, delta=piece)
+                emit(f"{prefix}.done", **where, **{field: value})
+                emit("response.content_part.done", **where, part={"type": kind, field: value})
+                parts.append({"type": kind, field: value})
+            item = {**item, "status": "completed", "content": parts}
+        elif shape == "function_call":
+            item = {
+                "id": item_id,
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": "c1",
+                "name": "f",
+                "arguments": "",
+            }
+            emit("response.output_item.added", output_index=index, item=item)
+            value = text(rng)
+            for piece in cut(rng, value):
+                emit("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=piece)
+            emit("response.function_call_arguments.done", item_id=item_id, output_index=index, arguments=value)
+            item = {**item, "status": "completed", "arguments": value}
+        else:
+            item = {"id": item_id, "type": "reasoning", "summary": []}
+            emit("response.output_item.added", output_index=index, item=item)
+            value = text(rng)
+            where = {"item_id": item_id, "output_index": index, "summary_index": 0}
+            for piece in cut(rng, value):
+                emit("response.reasoning_summary_text.delta", **where, delta=piece)
+            emit("response.reasoning_summary_text.done", **where, text=value)
+            item = {**item, "summary": [{"type": "summary_text", "text": value}]}
+        emit("response.output_item.done", output_index=index, item=item)
+        output.append(item)
+    roll = rng.random()
+    if roll < 0.05:
+        emit("error", code="server_error", message=text(rng), param=None)
+    elif roll < 0.1:
+        emit(
+            "response.incomplete",
+            response={
+                **head,
+                "status": "incomplete",
+                "incomplete_details": {"reason": "max_output_tokens"},
+                "output": output,
+            },
+        )
+    else:
+        emit("response.completed", response={**head, "status": "completed", "output": output})
+    return b"".join(events)
+
+
+def responses_client(wire: bytes) -> list[str]:
+    """Every string a Responses client can show: each JSON string outside deltas, each channel's deltas joined."""
+    seen: list[str] = []
+    joined: dict[str, str] = {}
+    decoder = SSEDecoder()
+    for event in [*decoder.feed(wire), *decoder.close()]:
+        seen.extend(value for value in (event.event, event.id, *event.comments) if value)
+        if event.data is None:
+            continue
+        try:
+            obj = json.loads(event.data)
+        except ValueError:
+            seen.append(event.data)
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("type"), str) and obj["type"].endswith(".delta"):
+            key = f"{obj['type']}:{obj.get('output_index')}:{obj.get('content_index')}:{obj.get('summary_index')}"
+            joined[key] = joined.get(key, "") + str(obj.get("delta", ""))
+            obj = {k: v for k, v in obj.items() if k != "delta"}
+        seen.extend(_strings(obj))
+    return seen + list(joined.values())
+
+
+# -- Anthropic Messages ----------------------------------------------------------------------------
+
+
+def messages_stream(rng: random.Random) -> bytes:
+    """One Messages stream from the grammar: text, thinking and tool blocks, pings, noise."""
+    events: list[bytes] = []
+
+    def emit(kind: str, **fields: Any) -> None:
+        obj = {"type": kind, **fields}
+        if rng.random() < 0.03:
+            obj[rng.choice(["x_note", text(rng)])] = text(rng)
+        events.append(_named(kind, obj, rng))
+        if rng.random() < 0.05:
+            events.append(_named("ping", {"type": "ping"}, rng))
+
+    message: dict[str, Any] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": 1},
+    }
+    emit("message_start", message=message)
+    for index in range(rng.randint(1, 3)):
+        shape = rng.choice(["text", "text", "thinking", "tool_use"])
+        if shape == "tool_use":
+            emit(
+                "content_block_start",
+                index=index,
+                content_block={"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+            )
+            for piece in cut(rng, json.dumps({"q": text(rng)})):
+                emit("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": piece})
+        else:
+            field = "text" if shape == "text" else "thinking"
+            emit("content_block_start", index=index, content_block={"type": shape, field: ""})
+            for piece in cut(rng, text(rng)):
+                emit("content_block_delta", index=index, delta={"type": f"{field}_delta", field: piece})
+        emit("content_block_stop", index=index)
+    if rng.random() < 0.05:
+        emit("error", error={"type": "overloaded_error", "message": text(rng)})
+    else:
+        emit("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None}, usage={"output_tokens": 5})
+        emit("message_stop")
+    return b"".join(events)
+
+
+def messages_client(wire: bytes) -> list[str]:
+    """Every string an Anthropic client can show: each JSON string outside deltas, each block's deltas joined."""
+    seen: list[str] = []
+    joined: dict[str, str] = {}
+    decoder = SSEDecoder()
+    for event in [*decoder.feed(wire), *decoder.close()]:
+        seen.extend(value for value in (event.event, event.id, *event.comments) if value)
+        if event.data is None:
+            continue
+        try:
+            obj = json.loads(event.data)
+        except ValueError:
+            seen.append(event.data)
+            continue
+        delta = obj.get("delta") if isinstance(obj, dict) and obj.get("type") == "content_block_delta" else None
+        if isinstance(delta, dict):
+            for field in ("text", "thinking", "partial_json"):
+                if isinstance(delta.get(field), str):
+                    key = f"{obj.get('index')}:{field}"
+                    joined[key] = joined.get(key, "") + delta[field]
+            obj = {**obj, "delta": {k: v for k, v in delta.items() if k not in ("text", "thinking", "partial_json")}}
+        seen.extend(_strings(obj))
+    return seen + [_unescaped(value) for value in joined.values()]
+
+
+def _unescaped(value: str) -> str:
+    """A tool input's JSON text as the client reads it: its strings decoded."""
+    try:
+        return "\n".join(_strings(json.loads(value)))
+    except ValueError:  # cut short: read as a partial-JSON parser reads it, escapes decoded
+        return _ESCAPE.sub(_decode_escape, value)
+
+
+def _decode_escape(match: regex.Match[str]) -> str:
+    escape = match.group()
+    if escape.startswith("\\u") and len(escape) < 6:
+        return ""  # a \\u escape cut short: not yet a character
+    decoded: str = json.loads(f'"{escape}"')
+    return decoded
+
+
+_ESCAPE = regex.compile(r'\\u[0-9a-fA-F]{4}|\\["\\/bfnrt]|\\u[0-9a-fA-F]{0,3}$')
+
+
 def chat_guard(rules: list[BoundRule]) -> Any:
     from guardrail.core.engine import StreamGuard
 
     return StreamGuard(rules)
 
 
+def responses_guard(rules: list[BoundRule]) -> Any:
+    from guardrail.core.dialect import Framing
+    from guardrail.core.dialects.openai_responses import ResponsesStream
+    from guardrail.core.engine import StreamGuard
+
+    return StreamGuard(rules, ResponsesStream(Framing.SSE))
+
+
+def messages_guard(rules: list[BoundRule]) -> Any:
+    from guardrail.core.dialect import Framing
+    from guardrail.core.dialects.anthropic import MessagesStream
+    from guardrail.core.engine import StreamGuard
+
+    return StreamGuard(rules, MessagesStream(Framing.SSE))
+
+
 # dialect name: (draw a response, read what a client sees, start a guard)
 DIALECTS: dict[str, tuple[Generator, Reader, Callable[[list[BoundRule]], Any]]] = {
     "openai_chat": (chat_stream, chat_client, chat_guard),
+    "openai_responses": (responses_stream, responses_client, responses_guard),
+    "anthropic_messages": (messages_stream, messages_client, messages_guard),
 }

@@ -72,3 +72,20 @@ def test_the_grammar_does_put_banned_text_on_the_wire(action: Action) -> None:
     rng = random.Random(7)
     found = sum(bool(leaks(leakgrammar.chat_client(leakgrammar.chat_stream(rng)))) for _ in range(50))
     assert found > 25
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32),
+    action=st.sampled_from([Action.REDACT, Action.ABORT]),
+    dialect=st.sampled_from(["openai_responses", "anthropic_messages"]),
+)
+def test_no_stream_of_another_dialect_leaks_a_banned_match(seed: int, action: Action, dialect: str) -> None:
+    generate, read, start = leakgrammar.DIALECTS[dialect]
+    rng = random.Random(seed)
+    body = generate(rng)
+    guard = start(leakgrammar.rules(action))
+    outputs = [output for chunk in leakgrammar.rechunk(rng, body) for output in guard.feed(chunk)]
+    outputs += guard.close()
+    wire = b"".join(output.data for output in outputs if isinstance(output, Send))
+    assert leaks(read(wire)) == []

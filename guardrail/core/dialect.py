@@ -44,12 +44,17 @@ class Kind(enum.Enum):
 
 
 class Piece(NamedTuple):
-    """One channel's text in one event, and where it sits there (``path``, the dialect's business)."""
+    """One channel's text in one event, and where it sits there (``path``, the dialect's business).
+
+    ``json_text``: the channel's text is JSON (tool-call arguments); rules read its strings
+    unescaped, as the client will once it parses them.
+    """
 
     channel: str
     text: str
     path: tuple[Any, ...] = ()
     kind: Kind = Kind.ANSWER
+    json_text: bool = False
 
 
 class EventKind(enum.Enum):

@@ -58,6 +58,7 @@ from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Ou
 from guardrail.core.rule import Action, BoundRule, Checker, Hit, Rule, TimedRule, Timer, Verdict
 from guardrail.core.tokens import BPEEncoding
 from guardrail.exceptions import RuleError, SSEError
+from guardrail.rules.textview import JsonTextChecker
 
 # Characters of sent text before a cut that the check of the cut sees (for lookbehinds).
 _EDGE_CONTEXT = 256
@@ -92,9 +93,9 @@ class _Check:
 
     __slots__ = ("checker", "holds", "rule", "safe", "view", "view_safe", "view_shift", "view_until")
 
-    def __init__(self, rule: BoundRule, holds: bool) -> None:
+    def __init__(self, rule: BoundRule, holds: bool, json_text: bool) -> None:
         self.rule = rule
-        self.checker: Checker = cast(Rule, rule.rule).checker()
+        self.checker: Checker = _checker(rule, json_text)
         self.holds = holds
         self.safe = 0
         self.view: Checker | None = None
@@ -112,6 +113,7 @@ class _ChannelGuard:
         "finished",
         "held_since",
         "hits",
+        "json_text",
         "last_hit",
         "name",
         "pending",
@@ -122,12 +124,15 @@ class _ChannelGuard:
         "sent",
     )
 
-    def __init__(self, name: str, rules: Sequence[BoundRule]) -> None:
+    def __init__(self, name: str, rules: Sequence[BoundRule], json_text: bool = False) -> None:
         self.name = name
+        self.json_text = json_text
         # Shadow-mode (log) rules never hold text back, so that they change neither what the
         # client sees nor when.
         self.checkers = tuple(
-            _Check(rule, rule.holdback and rule.action is not Action.LOG) for rule in rules if rule.checks_text
+            _Check(rule, rule.holdback and rule.action is not Action.LOG, json_text)
+            for rule in rules
+            if rule.checks_text
         )
         self.final = False
         self.restarted = False
@@ -254,7 +259,7 @@ class _ChannelGuard:
         for check in self.checkers:
             if not getattr(check.rule.rule, "scans_fields", False):
                 continue
-            check.view = cast(Rule, check.rule.rule).checker()
+            check.view = _checker(check.rule, self.json_text)
             check.view_shift, check.view_until = shift, stop + _EDGE_CONTEXT
             try:
                 check.view.feed(client)
@@ -300,7 +305,7 @@ class _ChannelGuard:
             whole = context + text + after
             cut = len(text)
             for rule in rules:
-                checker = cast(Rule, rule.rule).checker()
+                checker = _checker(rule, self.json_text)
                 for hit in checker.feed(whole).hits + checker.finish().hits:
                     if hit.end > len(context) and hit.start < len(context) + len(text):
                         cut = min(cut, max(0, hit.start - len(context)))
@@ -593,7 +598,7 @@ class StreamGuard:
         number = -1
         try:
             for number, piece in enumerate(parsed.pieces):
-                channel = self._channel(piece.channel)
+                channel = self._channel(piece.channel, piece.json_text)
                 self.deltas += 1  # checked by every rule, even if it trips one
                 released = channel.feed(piece.text, final=False, out=out, now=now)
                 for _, timer in self._timers:
@@ -684,10 +689,10 @@ class StreamGuard:
             return False
         return True
 
-    def _channel(self, name: str) -> _ChannelGuard:
+    def _channel(self, name: str, json_text: bool = False) -> _ChannelGuard:
         guard = self._channels.get(name)
         if guard is None:
-            guard = self._channels[name] = _ChannelGuard(name, self._text_rules)
+            guard = self._channels[name] = _ChannelGuard(name, self._text_rules, json_text)
         elif guard.finished:
             raise _Unreadable(f"text on {name} after the event that ended it")
         return guard
@@ -816,6 +821,12 @@ _TIMEOUT_MESSAGES = {
     "first_token_timeout": "the model took too long to start answering",
     "total_timeout": "the answer took too long",
 }
+
+
+def _checker(rule: BoundRule, json_text: bool) -> Checker:
+    """A fresh checker of ``rule``; on JSON text (tool arguments), one that reads its strings unescaped."""
+    checker = cast(Rule, rule.rule).checker()
+    return JsonTextChecker(checker) if json_text and getattr(rule.rule, "scans_fields", False) else checker
 
 
 def _shifted(hit: Hit, shift: int, floor: int) -> Hit:

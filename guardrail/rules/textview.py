@@ -45,8 +45,8 @@ def fold_text(text: str) -> str:
     return text if text.isascii() else "".join(fold(char) for char in text)
 
 
-class FoldedChecker:
-    """Runs ``inner`` on the folded view of the text and maps its verdicts back."""
+class _ViewChecker:
+    """Runs ``inner`` on a view of the text (built by :meth:`_view`) and maps its verdicts back."""
 
     __slots__ = ("_ends", "_inner", "_received", "_starts", "_view_base")
 
@@ -57,23 +57,14 @@ class FoldedChecker:
         self._view_base = 0
         self._received = 0
 
+    def _view(self, text: str, start: int) -> str:
+        """The view of ``text`` (which starts at original offset ``start``); appends to the offset maps."""
+        raise NotImplementedError
+
     def feed(self, text: str) -> Verdict:
         start = self._received
         self._received += len(text)
-        if text.isascii():
-            view = text
-            self._starts.extend(range(start, start + len(text)))
-            self._ends.extend(range(start + 1, start + len(text) + 1))
-        else:
-            parts = []
-            for offset, char in enumerate(text, start):
-                folded = fold(char)
-                if folded:
-                    parts.append(folded)
-                    self._starts.extend([offset] * len(folded))
-                    self._ends.extend([offset + 1] * len(folded))
-            view = "".join(parts)
-        return self._map(self._inner.feed(view))
+        return self._map(self._inner.feed(self._view(text, start)))
 
     def finish(self) -> Verdict:
         return self._map(self._inner.finish())
@@ -81,17 +72,90 @@ class FoldedChecker:
     def _map(self, verdict: Verdict) -> Verdict:
         base = self._view_base
         starts, ends = self._starts, self._ends
-        hits = tuple(
-            Hit(
-                starts[hit.start - base],
-                ends[hit.end - 1 - base] if hit.end > hit.start else starts[hit.start - base],
-                hit.detail,
-            )
-            for hit in verdict.hits
-        )
+        hits = []
+        for hit in verdict.hits:
+            first = starts[hit.start - base] if hit.start - base < len(starts) else self._received
+            last = ends[hit.end - 1 - base] if 0 <= hit.end - 1 - base < len(ends) else self._received
+            hits.append(Hit(first, max(first, last), hit.detail))
         held = verdict.safe - base
         safe = starts[held] if held < len(starts) else self._received
         if held > 4096:  # the view before the safe offset is never asked about again
             del starts[:held], ends[:held]
             self._view_base += held
-        return Verdict(safe, hits)
+        return Verdict(safe, tuple(hits))
+
+
+class FoldedChecker(_ViewChecker):
+    """Runs ``inner`` on the folded view of the text (see the module docstring)."""
+
+    __slots__ = ()
+
+    def _view(self, text: str, start: int) -> str:
+        if text.isascii():
+            self._starts.extend(range(start, start + len(text)))
+            self._ends.extend(range(start + 1, start + len(text) + 1))
+            return text
+        parts = []
+        for offset, char in enumerate(text, start):
+            folded = fold(char)
+            if folded:
+                parts.append(folded)
+                self._starts.extend([offset] * len(folded))
+                self._ends.extend([offset + 1] * len(folded))
+        return "".join(parts)
+
+
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+class JsonTextChecker(_ViewChecker):
+    """Runs ``inner`` on JSON text (tool-call arguments) as a client reads it: its strings unescaped.
+
+    A key written ``"sk-\\u0041..."`` in a tool call's arguments is ``sk-A...`` once the client
+    parses them; this view decodes escapes inside strings as the text streams, so rules see
+    that. A hit maps back to whole escape sequences.
+    """
+
+    __slots__ = ("_escape", "_escape_start", "_in_string")
+
+    def __init__(self, inner: Checker) -> None:
+        super().__init__(inner)
+        self._in_string = False
+        self._escape: str | None = None  # after a backslash: what of the escape has come so far
+        self._escape_start = 0
+
+    def _view(self, text: str, start: int) -> str:
+        if "\\" not in text and self._escape is None:
+            self._in_string ^= text.count('"') % 2 == 1
+            self._starts.extend(range(start, start + len(text)))
+            self._ends.extend(range(start + 1, start + len(text) + 1))
+            return text
+        out = []
+        for offset, char in enumerate(text, start):
+            if self._escape is not None:
+                self._escape += char
+                escape = self._escape
+                if escape[0] == "u" and len(escape) < 5:
+                    continue
+                self._escape = None
+                if escape[0] == "u":
+                    try:
+                        decoded = chr(int(escape[1:], 16))
+                    except ValueError:
+                        decoded = "\\" + escape
+                else:
+                    decoded = _ESCAPES.get(escape, "\\" + escape)
+                out.append(decoded)
+                self._starts.extend([self._escape_start] * len(decoded))
+                self._ends.extend([offset + 1] * len(decoded))
+                continue
+            if char == "\\" and self._in_string:
+                self._escape = ""
+                self._escape_start = offset
+                continue
+            if char == '"':
+                self._in_string = not self._in_string
+            out.append(char)
+            self._starts.append(offset)
+            self._ends.append(offset + 1)
+        return "".join(out)

@@ -139,7 +139,7 @@ class MessagesStream:
                 self._message = {**obj["message"], "content": []}
             return Parsed(EventKind.PASS, frame, others=(*sse_others, *_others(obj)), data=obj)
         if kind == "message_stop":
-            return Parsed(EventKind.END, frame, others=sse_others, data=obj)
+            return Parsed(EventKind.END, frame, others=(*sse_others, *_others(obj)), data=obj)
         if kind == "error":
             return Parsed(EventKind.ERROR, frame, others=(*sse_others, *jsontext.strings(obj)), data=obj)
         if kind == "content_block_delta":
@@ -151,12 +151,14 @@ class MessagesStream:
         if index not in self._blocks:
             return Parsed(EventKind.MALFORMED, frame, detail=f"a delta for block {index}, which was never started")
         delta = obj["delta"]
+        sse_others = (*sse_others, *_others({key: value for key, value in obj.items() if key != "delta"}))
         spec = _DELTAS.get(str(delta.get("type")))
         if spec is not None and type(delta.get(spec[0])) is str:
             field, suffix, kind = spec
             text = delta[field]
             others = (*sse_others, *_others({k: v for k, v in delta.items() if k != field}))
-            pieces = (Piece(f"content[{index}].{suffix}", text, ("delta", field), kind),) if text else ()
+            piece = Piece(f"content[{index}].{suffix}", text, ("delta", field), kind, suffix == "input")
+            pieces = (piece,) if text else ()
             return Parsed(EventKind.TEXT if pieces else EventKind.PASS, frame, pieces, others, data=obj)
         citation = delta.get("citation")
         if (
@@ -190,7 +192,7 @@ class MessagesStream:
                     pieces.append(Piece(f"content[{index}].{suffix}", block[field], ("content", index, field), kind))
             if block.get("type") == "tool_use" and "input" in block:
                 text = jsontext.dumps(block["input"])
-                pieces.append(Piece(f"content[{index}].input", text, ("content", index, "input"), Kind.TOOL))
+                pieces.append(Piece(f"content[{index}].input", text, ("content", index, "input"), Kind.TOOL, True))
             others.extend(_others({k: v for k, v in block.items() if k not in ("text", "thinking", "input")}))
         ends = tuple(dict.fromkeys(piece.channel for piece in pieces))
         return Parsed(EventKind.TEXT, frame, tuple(pieces), tuple(others), ends, data=obj, derived=True)

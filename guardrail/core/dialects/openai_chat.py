@@ -495,7 +495,8 @@ def _read_call(
                 _read_leaves(pieces, others, f"{prefix}{function_key}.{name}", where, text)
             elif type(text) is str:
                 if text:
-                    pieces.append(Piece(f"{prefix}{function_key}.{name}", text, where, Kind.TOOL))
+                    json_text = name == "arguments"  # JSON the client parses; a name is plain text
+                    pieces.append(Piece(f"{prefix}{function_key}.{name}", text, where, Kind.TOOL, json_text))
             elif text is not None:
                 others.extend(jsontext.strings(text))
 

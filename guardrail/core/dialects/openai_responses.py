@@ -179,7 +179,7 @@ class ResponsesStream:
             others = (*sse_others, *self._others(obj, skip=("delta",)))
             if type(text) is not str:
                 return Parsed(EventKind.PASS, frame, others=(*others, *jsontext.strings(text)), data=obj)
-            piece = Piece(delta[2](obj), text, ("delta",), delta[1])
+            piece = Piece(delta[2](obj), text, ("delta",), delta[1], kind == "response.function_call_arguments.delta")
             self._channels.add(piece.channel)
             return Parsed(EventKind.TEXT, frame, (piece,) if text else (), others, data=obj)
         done = _DONES.get(kind)
@@ -211,7 +211,7 @@ class ResponsesStream:
         others: list[str] = []
         for index, item in enumerate(obj.get("output") or ()):
             for channel, path, text, kind in _item_texts(index, item):
-                pieces.append(Piece(channel, text, ("output", index, *path), kind))
+                pieces.append(Piece(channel, text, ("output", index, *path), kind, channel.endswith(".arguments")))
         skip = {piece.path for piece in pieces}
         others.extend(s for s in _strings_outside(obj, skip) if s not in self._echo)
         ends = tuple(dict.fromkeys(piece.channel for piece in pieces))
