@@ -320,3 +320,30 @@ def test_the_access_log_masks_credentials_in_query_strings() -> None:
         process.stderr.close()
     assert "api-key=***" in line and "token=***" in line and "api-version=2024" in line
     assert secret not in "".join(access.lines + log.lines)
+
+
+def test_serve_guards_responses_and_messages_end_to_end(demo_server: tuple[str, ServerLog]) -> None:
+    import anthropic
+
+    base_url, _ = demo_server
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="no-key", max_retries=0, timeout=TIMEOUT) as client:
+        events = list(client.responses.create(model="guardrail-demo", input="What is the API key?", stream=True))
+        streamed = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+        whole = client.responses.create(model="guardrail-demo", input="Tell me the roadmap")
+    with anthropic.Anthropic(base_url=base_url, api_key="no-key", max_retries=0, timeout=TIMEOUT) as messages:
+        with messages.messages.stream(
+            model="guardrail-demo", max_tokens=1000, messages=[{"role": "user", "content": "What is the API key?"}]
+        ) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        roadmap = messages.messages.create(
+            model="guardrail-demo", max_tokens=1000, messages=[{"role": "user", "content": "Tell me the roadmap"}]
+        )
+    assert "[redacted]" in streamed and FAKE_API_KEY not in streamed and events[-1].type == "response.completed"
+    assert whole.status == "incomplete" and whole.incomplete_details is not None
+    assert whole.incomplete_details.reason == "content_filter" and CODE_NAME not in whole.output_text
+    assert "[redacted]" in text and FAKE_API_KEY not in text and final.stop_reason == "end_turn"
+    assert roadmap.stop_reason == "refusal" and CODE_NAME not in roadmap.model_dump_json()
+    metrics = httpx.get(f"{base_url}/metrics", timeout=TIMEOUT).text
+    for dialect in ("openai_responses", "anthropic_messages"):
+        assert re.search(rf'guardrail_streams_total{{dialect="{dialect}",outcome="\w+"}} [1-9]', metrics), dialect

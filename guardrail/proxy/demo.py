@@ -270,7 +270,9 @@ def _message_text(message: object) -> str:
         return content
     if isinstance(content, list):  # content parts: only the text ones matter here
         return "".join(
-            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text")
         )
     return ""
 
@@ -325,6 +327,54 @@ class _Reply:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._envelope("chat.completion.chunk", [choice], None)
 
+    @property
+    def item_id(self) -> str:
+        return "msg_" + self.id.removeprefix("chatcmpl-")
+
+    def response_head(self) -> dict[str, Any]:
+        return {
+            "id": "resp_" + self.id.removeprefix("chatcmpl-"),
+            "object": "response",
+            "created_at": self.created,
+            "model": self.model,
+        }
+
+    def response(self) -> dict[str, Any]:
+        """The whole answer as a Responses ``response`` object."""
+        text = "".join(self.pieces)
+        content = [{"type": "output_text", "text": text, "annotations": []}]
+        item = {"id": self.item_id, "type": "message", "status": "completed", "role": "assistant", "content": content}
+        completed = self.finish_reason == "stop"
+        usage = self.usage()
+        return {
+            **self.response_head(),
+            "status": "completed" if completed else "incomplete",
+            "error": None,
+            "incomplete_details": None if completed else {"reason": "max_output_tokens"},
+            "output": [item],
+            "usage": {
+                "input_tokens": usage["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": usage["completion_tokens"],
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["total_tokens"],
+            },
+        }
+
+    def message(self) -> dict[str, Any]:
+        """The whole answer as an Anthropic ``message`` object."""
+        usage = self.usage()
+        return {
+            "id": self.item_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [{"type": "text", "text": "".join(self.pieces)}],
+            "stop_reason": "end_turn" if self.finish_reason == "stop" else "max_tokens",
+            "stop_sequence": None,
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]},
+        }
+
     def usage_chunk(self) -> dict[str, Any]:
         return self._envelope("chat.completion.chunk", [], self.usage())
 
@@ -373,6 +423,28 @@ async def _read_body(receive: Receive) -> bytes | None:
             raise _BadRequest(413, f"The request body exceeds {MAX_REQUEST_BYTES} bytes.", None, "request_too_large")
         if not message.get("more_body", False):
             return bytes(body)
+
+
+def _as_chat_request(request: dict[str, Any], dialect: str) -> dict[str, Any]:
+    """A Responses or Messages request read as the chat request the demo answers."""
+    if dialect == "chat":
+        return request
+    messages: list[Any] = []
+    if dialect == "responses":
+        given = request.get("input")
+        if isinstance(given, str):
+            messages = [{"role": "user", "content": given}]
+        elif isinstance(given, list):
+            messages = [item for item in given if isinstance(item, dict) and "role" in item]
+        limit = request.get("max_output_tokens")
+    else:
+        given = request.get("messages")
+        messages = given if isinstance(given, list) else []
+        limit = request.get("max_tokens")
+    chat = {"model": request.get("model"), "stream": request.get("stream", False), "messages": messages}
+    if limit is not None:
+        chat["max_tokens"] = limit
+    return chat
 
 
 def _parse_request(body: bytes) -> dict[str, Any]:
@@ -442,29 +514,36 @@ class DemoModel:
         method, path = scope["method"], scope["path"]
         if (method, path) == ("POST", "/v1/chat/completions"):
             await self._chat(receive, send)
+        elif (method, path) == ("POST", "/v1/responses"):
+            await self._chat(receive, send, dialect="responses")
+        elif (method, path) == ("POST", "/v1/messages"):
+            await self._chat(receive, send, dialect="messages")
         elif (method, path) == ("GET", "/v1/models"):
             model = {"id": self._model_id, "object": "model", "created": 1735689600, "owned_by": "guardrail"}
             await send_json(send, 200, {"object": "list", "data": [model]})
         else:
             await _send_error(send, _BadRequest(404, f"Invalid URL ({method} {path})", None, None))
 
-    async def _chat(self, receive: Receive, send: Send) -> None:
+    async def _chat(self, receive: Receive, send: Send, *, dialect: str = "chat") -> None:
         try:
             body = await _read_body(receive)
             if body is None:
                 return
-            reply = _Reply(_parse_request(body), self._model_id)
+            request = _parse_request(body)
+            reply = _Reply(_as_chat_request(request, dialect), self._model_id)
         except _BadRequest as error:
             await _send_error(send, error)
             return
-        logger.debug("demo answer %s (stream=%s)", reply.scenario, reply.stream)
+        logger.debug("demo answer %s (stream=%s, %s)", reply.scenario, reply.stream, dialect)
         if not reply.stream:
-            await send_json(send, 200, reply.completion())
+            whole = {"chat": reply.completion, "responses": reply.response, "messages": reply.message}[dialect]
+            await send_json(send, 200, whole())
             return
+        stream = {"chat": self._stream, "responses": self._stream_response, "messages": self._stream_message}[dialect]
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(_cancel_on_disconnect, receive, task_group.cancel_scope)
             try:
-                await self._stream(reply, send)
+                await stream(reply, send)
             except OSError:
                 logger.debug("client went away during a demo stream")
             task_group.cancel_scope.cancel()
@@ -484,6 +563,57 @@ class DemoModel:
         if reply.include_usage:
             await emit(_sse_event(reply.usage_chunk()))
         await send({"type": "http.response.body", "body": _DONE_EVENT, "more_body": False})
+
+    async def _stream_response(self, reply: _Reply, send: Send) -> None:
+        """The answer as a Responses event stream (wire-formats §3.3)."""
+        numbers = iter(range(1_000_000))
+
+        async def emit(kind: str, **fields: Any) -> None:
+            event = {"type": kind, "sequence_number": next(numbers), **fields}
+            data = b"event: " + kind.encode() + b"\n" + _sse_event(event)
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        head = reply.response_head()
+        where = {"item_id": reply.item_id, "output_index": 0, "content_index": 0}
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await emit("response.created", response={**head, "status": "in_progress", "output": [], "usage": None})
+        item = {"id": reply.item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+        await emit("response.output_item.added", output_index=0, item=item)
+        await emit("response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []})
+        for piece in reply.pieces:
+            await anyio.sleep(self._seconds_per_token)
+            await emit("response.output_text.delta", **where, delta=piece, logprobs=[])
+        whole = reply.response()
+        done_item = whole["output"][0]
+        text = done_item["content"][0]["text"]
+        await emit("response.output_text.done", **where, text=text, logprobs=[])
+        await emit("response.content_part.done", **where, part=done_item["content"][0])
+        await emit("response.output_item.done", output_index=0, item=done_item)
+        await emit(f"response.{whole['status']}", response=whole)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stream_message(self, reply: _Reply, send: Send) -> None:
+        """The answer as an Anthropic Messages event stream (wire-formats §4.1)."""
+
+        async def emit(kind: str, **fields: Any) -> None:
+            data = b"event: " + kind.encode() + b"\n" + _sse_event({"type": kind, **fields})
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        whole = reply.message()
+        await emit(
+            "message_start",
+            message={**whole, "content": [], "stop_reason": None, "usage": {**whole["usage"], "output_tokens": 1}},
+        )
+        await emit("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        for piece in reply.pieces:
+            await anyio.sleep(self._seconds_per_token)
+            await emit("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+        await emit("content_block_stop", index=0)
+        delta = {"stop_reason": whole["stop_reason"], "stop_sequence": None}
+        await emit("message_delta", delta=delta, usage={"output_tokens": whole["usage"]["output_tokens"]})
+        await emit("message_stop")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stall(self, emit: Callable[[bytes], Awaitable[None]]) -> None:
         with anyio.move_on_after(self._stall_seconds):
