@@ -62,7 +62,8 @@ class ContentDecoder:
             wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
             self._decoder = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         try:
-            out: bytes = self._decoder.decompress(data) if data else b""
+            decompress = getattr(self._decoder, "decompress", None) or self._decoder.process  # brotli's is process()
+            out: bytes = decompress(data) if data else b""
         except (zlib.error, Exception) as exc:
             raise DecodeError(f"a {self.encoding} body that does not decode: {exc}") from None
         self._in += len(data)

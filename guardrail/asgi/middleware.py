@@ -413,7 +413,10 @@ class _GuardedResponse:
         if self.guard is not None and self.framing is framing:
             return
         self.framing = framing
-        dialect_name = self.middleware.rules.dialect_for(self.path) or dialect_for_path(self.path) or "openai_chat"
+        dialect_name = self.middleware.rules.dialect_for(self.path)
+        if dialect_name is None:
+            by_path = dialect_for_path(self.path) or "openai_chat"
+            dialect_name = "text" if framing is Framing.TEXT else by_path
         dialect = get_dialect(dialect_name)
         info = RequestInfo(self.path, self.request.payload)
         stream = dialect.start(framing, info, prompt_tokens=self.prompt_tokens)
@@ -454,6 +457,9 @@ class _GuardedResponse:
             if framing is None:
                 return  # too few bytes to tell the framing yet
             data, self.sniffed = bytes(self.sniffed), None
+            if framing is Framing.NDJSON and self.middleware.rules.dialect_for(self.path) is None:
+                await self._unreadable_body(data, more_body)  # no NDJSON dialect here yet
+                return
             self._arm(framing)
         guard = self.guard
         assert guard is not None
@@ -474,6 +480,18 @@ class _GuardedResponse:
                 return
         if outputs or not more_body:  # (no outputs: the delta's text is held back, for now)
             await self._emit(outputs, now, more_body=more_body)
+
+    async def _unreadable_body(self, data: bytes, more_body: bool) -> None:
+        """A body the guard cannot read, found only by its first bytes: refused, or passed if the rules say so."""
+        if not self.middleware.rules.passes_unreadable(self.path):
+            await self._refuse_unreadable(self.content_type, b"")
+            return
+        self.guard = None
+        start, self.held_start = self.held_start, None
+        assert start is not None
+        self.response_started = True
+        await self.downstream(start)  # (its length was dropped: the body goes out as it comes)
+        await self.downstream({"type": "http.response.body", "body": data, "more_body": more_body})
 
     async def _fail_unreadable(self, detail: str, now: float) -> None:
         logger.warning("an answer on %s could not be decoded: %s", self.path, detail)

@@ -16,11 +16,14 @@ DIALECTS = {
     "openai_chat": "guardrail.core.dialects.openai_chat",
     "openai_responses": "guardrail.core.dialects.openai_responses",
     "anthropic_messages": "guardrail.core.dialects.anthropic",
+    "openai_completions": "guardrail.core.dialects.openai_completions",
+    "text": "guardrail.core.dialects.plain_text",
 }
 
 # The end of a request path, and the dialect that answers there.
 ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/chat/completions", "openai_chat"),
+    ("/completions", "openai_completions"),
     ("/responses", "openai_responses"),
     ("/messages", "anthropic_messages"),
 )

@@ -101,6 +101,8 @@ class ChatStream:
     """
 
     dialect_name = NAME
+    answer_field = "content"  # where a choice's answer text is (a fallback's text goes there)
+    chunk_object = "chat.completion.chunk"
 
     def __init__(
         self,
@@ -113,7 +115,7 @@ class ChatStream:
         continuation: bool = False,
     ) -> None:
         self.framing = framing
-        self.template: dict[str, Any] = {"object": "chat.completion.chunk", **(identity or {})}
+        self.template: dict[str, Any] = {"object": self.chunk_object, **(identity or {})}
         self._has_identity = continuation
         self._continuation = continuation
         self.open_choices: dict[int, None] = {}  # insertion-ordered set
@@ -229,6 +231,9 @@ class ChatStream:
             for key, value in choice.items():
                 if key == field and type(value) is dict:
                     _read_delta(pieces, others, f"choices[{index}].", ("choices", pos, field), value)
+                elif key == "text" and self.answer_field == "text" and type(value) is str:
+                    if value:
+                        pieces.append(Piece(f"choices[{index}].text", value, ("choices", pos, "text")))
                 else:
                     if key not in _KNOWN_KEYS:
                         others.append(key)
@@ -273,7 +278,7 @@ class ChatStream:
     def _learn_identity(self, obj: dict[str, Any]) -> None:
         if not self._has_identity and obj.get("id"):
             self.template = {key: obj[key] for key in _TEMPLATE_KEYS if key in obj}
-            self.template.setdefault("object", "chat.completion.chunk")
+            self.template.setdefault("object", self.chunk_object)
             self._has_identity = True
 
     def _adopt(self, obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -371,8 +376,8 @@ class ChatStream:
         parts = []
         if isinstance(ending, FallbackText):
             for index in list(self.open_choices) or [0]:
-                ledger.add(f"choices[{index}].content", ending.text)
-                parts.append(self.text(f"choices[{index}].content", ending.text))
+                ledger.add(f"choices[{index}].{self.answer_field}", ending.text)
+                parts.append(self.text(f"choices[{index}].{self.answer_field}", ending.text))
             parts.append(self._finish_all("stop"))
         elif isinstance(ending, Stop):
             parts.append(self._finish_all(_STOP_REASONS[ending.reason]))
@@ -530,7 +535,7 @@ def _carries_something(choice: object) -> bool:
     """Whether a chunk's choice says anything: a finish reason, or a delta value other than null or empty."""
     if type(choice) is not dict:
         return False
-    if choice.get("finish_reason"):
+    if choice.get("finish_reason") or choice.get("text"):
         return True
     delta = choice.get("delta")
     if type(delta) is not dict:
