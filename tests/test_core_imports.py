@@ -8,6 +8,7 @@ from pathlib import Path
 CORE = Path(__file__).resolve().parent.parent / "guardrail" / "core"
 DIALECT_MODULES = {
     "guardrail.core.dialects.openai_chat",
+    "guardrail.core.dialects.openai_completions",
     "guardrail.core.dialects.openai_responses",
     "guardrail.core.dialects.anthropic",
     "guardrail.core.dialects._openai",
@@ -55,8 +56,7 @@ def test_a_dialect_module_imports_no_other_provider() -> None:
         name = module_name(path)
         if path.stem == "__init__":
             continue  # the registry
-        own = {"openai_chat": "openai", "openai_responses": "openai", "_openai": "openai", "anthropic": "anthropic"}
-        provider = own.get(path.stem)
+        provider = next((word for word in PROVIDER_WORDS if word in path.stem), None)
         for imported in imports(path):
             for word in PROVIDER_WORDS:
                 if word in imported and word != provider:
