@@ -169,7 +169,7 @@ class ReloadingGuard:
                     continue
                 # Wait until the files stop changing: a deploy or an editor may be writing them.
                 while True:
-                    await anyio.sleep(min(SETTLE_SECONDS, self.poll_seconds))
+                    await anyio.sleep(SETTLE_SECONDS)
                     now = _signature(self.paths)
                     if now == seen:
                         break
