@@ -457,7 +457,8 @@ class _GuardedResponse:
             if framing is None:
                 return  # too few bytes to tell the framing yet
             data, self.sniffed = bytes(self.sniffed), None
-            if framing is Framing.NDJSON and self.middleware.rules.dialect_for(self.path) is None:
+            named = self.middleware.rules.dialect_for(self.path) or dialect_for_path(self.path)
+            if framing is Framing.NDJSON and named != "ollama":
                 await self._unreadable_body(data, more_body)  # no NDJSON dialect here yet
                 return
             self._arm(framing)

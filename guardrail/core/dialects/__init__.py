@@ -17,6 +17,7 @@ DIALECTS = {
     "openai_responses": "guardrail.core.dialects.openai_responses",
     "anthropic_messages": "guardrail.core.dialects.anthropic",
     "openai_completions": "guardrail.core.dialects.openai_completions",
+    "ollama": "guardrail.core.dialects.ollama",
     "text": "guardrail.core.dialects.plain_text",
 }
 
@@ -26,6 +27,8 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/completions", "openai_completions"),
     ("/responses", "openai_responses"),
     ("/messages", "anthropic_messages"),
+    ("/api/chat", "ollama"),
+    ("/api/generate", "ollama"),
 )
 
 
