@@ -373,6 +373,7 @@ class StreamGuard:
         self._queue: list[bytes | _Wait] = []
         self._natural_end = False
         self._clean: dict[str, None] = {}  # strings outside channels already checked and clean
+        self._clean_others: Sequence[str] | None = None
         self._ended = False
         self._reported_unknown = False
         self._encoding = encoding
@@ -653,6 +654,8 @@ class StreamGuard:
         Such text cannot be held back and released in part (an ``id``, a comment, an error's
         message): a hit by any rule but a ``log`` one ends the stream before the frame goes out.
         """
+        if others is self._clean_others:
+            return  # the very strings checked last time (a dialect hands back what repeats)
         clean = self._clean
         for text in others:
             if text in clean:
@@ -672,6 +675,7 @@ class StreamGuard:
             if len(clean) >= _CLEAN_STRINGS:
                 clean.clear()
             clean[text] = None
+        self._clean_others = others
 
     def _release_held(self, now: float, wire: list[bytes | _Wait], out: list[Output]) -> bool:
         """End every channel: what was held only because more text might complete a match is safe now.

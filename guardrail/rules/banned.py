@@ -33,6 +33,9 @@ SCAN_BUDGET_SECONDS = 0.045
 # O(n log n) instead of a search of all of it after every delta.
 SHORT_PENDING_CHARS = 64
 
+# Phrase lists longer than this go to the word index (see guardrail.rules.phrases).
+INDEX_PHRASES_FROM = 32
+
 # Characters kept before the scan position so that \b, (?<!\w) and short lookbehinds see the
 # text they need. Lookbehinds reaching further back than this see a truncated string.
 LOOKBEHIND_CHARS = 64
@@ -324,8 +327,10 @@ class BannedPatterns:
         if normalize:
             phrases = [fold_text(phrase) for phrase in phrases]
         alternatives = [(p, f"pattern {p!r}") for p in patterns]
-        indexed = [phrase for phrase in phrases if indexable(phrase)]
-        alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases if not indexable(p)]
+        # A few phrases are cheapest in the regex (its prefilter skips text that cannot start one);
+        # many are cheapest in the word index, whose cost does not grow with their number.
+        indexed = [phrase for phrase in phrases if indexable(phrase)] if len(phrases) > INDEX_PHRASES_FROM else []
+        alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases if p not in indexed]
         self._index = PhraseIndex(indexed) if indexed else None
         self._searchers = _build_searchers(alternatives)
         # Each alternative alone, to find a match that starts inside another's hit (see _overlapping).

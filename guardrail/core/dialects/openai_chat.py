@@ -126,6 +126,8 @@ class ChatStream:
         # Choices whose text the guard changed: their logprobs are dropped from then on, so that
         # the tokens a client joins are always a prefix of the text it got.
         self._altered: set[int] = set()
+        self._rest: dict[str, Any] | None = None  # a chunk without its choices, as last seen
+        self._rest_others: tuple[str, ...] = ()
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -194,20 +196,26 @@ class ChatStream:
         index = choice.get("index", 0)
         if type(content) is not str or type(index) is not int or len(choice) > 4:
             return None
-        others = list(sse_others)
-        for key, value in obj.items():
-            if key not in _KNOWN_KEYS:
-                others.append(key)
-            if type(value) is str:
-                others.append(value)
-            elif key != "choices" and type(value) in (dict, list):
-                others.extend(jsontext.strings(value))
-        for key in choice:
-            if key not in _KNOWN_KEYS:
-                return None
+        if not choice.keys() <= _KNOWN_KEYS:
+            return None
+        # Everything beside the choice (id, model...) repeats on every chunk: read once, and the
+        # same tuple handed back while it does not change, so the engine checks it once.
+        rest = obj.copy()
+        del rest["choices"]
+        if rest != self._rest:
+            found: list[str] = []
+            for key, value in rest.items():
+                if key not in _KNOWN_KEYS:
+                    found.append(key)
+                if type(value) is str:
+                    found.append(value)
+                elif type(value) in (dict, list):
+                    found.extend(jsontext.strings(value))
+            self._rest, self._rest_others = rest, tuple(found)
+        others = (*sse_others, *self._rest_others) if sse_others else self._rest_others
         self.open_choices[index] = None
         pieces = (Piece(f"choices[{index}].content", content, _QUICK_PATH),) if content else ()
-        return Parsed(EventKind.TEXT if pieces else EventKind.PASS, frame, pieces, tuple(others), data=obj)
+        return Parsed(EventKind.TEXT if pieces else EventKind.PASS, frame, pieces, others, data=obj)
 
     def _parse_chunk(
         self, frame: bytes, obj: dict[str, Any], choices: list[Any], sse_others: tuple[str, ...], field: str
