@@ -536,6 +536,7 @@ def test_json_schema_describes_the_closed_schema() -> None:
         "fallbacks",
         "dialects",
         "pass_unreadable",
+        "final_answer_only",
         "allow_empty",
     }
     assert schema["required"] == ["version", "rules"]

@@ -421,7 +421,12 @@ class _GuardedResponse:
         info = RequestInfo(self.path, self.request.payload)
         stream = dialect.start(framing, info, prompt_tokens=self.prompt_tokens)
         self.guard = StreamGuard(
-            self.rules, stream, start=self.start, encoding=self.encoding, prompt_tokens=self.prompt_tokens
+            self.rules,
+            stream,
+            start=self.start,
+            encoding=self.encoding,
+            prompt_tokens=self.prompt_tokens,
+            hide=self.middleware.rules.hidden_on(self.path),
         )
         if self.record is None:
             self.record = StreamRecord(request_id=self._request_id(), path=self.path, dialect=dialect_name)

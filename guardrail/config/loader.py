@@ -263,7 +263,18 @@ def _group(spec: RuleFileSpec, built: Mapping[int, Rule | TimedRule], source: st
         rules,
         dialects=tuple(spec.dialects.items()),
         pass_unreadable=tuple(spec.pass_unreadable),
+        final_answer_only=_final_answer_only(spec),
     )
+
+
+def _final_answer_only(spec: RuleFileSpec) -> tuple[tuple[str, ...], bool] | None:
+    """(path globs, whether tool calls are hidden too), or None when the file streams everything."""
+    option = spec.final_answer_only
+    if option is False:
+        return None
+    if option is True:
+        return (), False
+    return tuple(option.paths), option.tool_calls
 
 
 def _fallback(spec: RuleFileSpec, name: str | None) -> Fallback | None:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from guardrail.core.dialect import Kind
 from guardrail.core.rule import Action, BoundRule
 
 DEFAULT_TOKENIZER = "o200k_base"
@@ -30,6 +31,8 @@ class RuleGroup:
         rules: the file's rules, in file order.
         dialects: path globs and the dialect their answers are read in, where the path does not say.
         pass_unreadable: path globs whose answers the guard cannot read pass unguarded.
+        final_answer_only: where only the final answer streams (path globs, empty: the group's
+            paths) and whether tool calls are held back too; None: everything streams.
     """
 
     source: str
@@ -38,6 +41,7 @@ class RuleGroup:
     rules: tuple[BoundRule, ...]
     dialects: tuple[tuple[str, str], ...] = ()  # (path glob, dialect name)
     pass_unreadable: tuple[str, ...] = ()  # path globs whose unreadable answers pass
+    final_answer_only: tuple[tuple[str, ...], bool] | None = None  # (path globs, tool calls too)
     _matcher: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,20 @@ class RuleSet:
                 if fnmatch.fnmatchcase(path, glob):
                     return name
         return None
+
+    def hidden_on(self, path: str) -> frozenset[Kind]:
+        """The kinds of channel checked but never sent on ``path`` (``final_answer_only``)."""
+        hidden: set[Kind] = set()
+        for group in self.groups:
+            option = group.final_answer_only
+            if option is None or not group.matches(path):
+                continue
+            globs, tool_calls = option
+            if not globs or any(fnmatch.fnmatchcase(path, glob) for glob in globs):
+                hidden.add(Kind.REASONING)
+                if tool_calls:
+                    hidden.add(Kind.TOOL)
+        return frozenset(hidden)
 
     def passes_unreadable(self, path: str) -> bool:
         """Whether answers on ``path`` that the guard cannot read pass unguarded (else they are refused)."""

@@ -215,6 +215,15 @@ class PluginRuleSpec(RuleSpec):
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the plugin class.")
 
 
+class FinalAnswerOnlySpec(_Closed):
+    """Which answers stream their final answer only, and whether tool calls are held back too."""
+
+    paths: list[PathGlob] = Field(
+        default_factory=list, description="Path globs where it applies; empty: every path the file guards."
+    )
+    tool_calls: bool = Field(default=False, description="Also keep tool calls from the client (checked, counted).")
+
+
 class FallbackSpec(_Closed):
     """A fallback answer: fixed ``text``, or another upstream ``url`` (and optional ``model``)."""
 
@@ -322,6 +331,11 @@ class RuleFileSpec(_Closed):
         default_factory=list,
         description="Path globs whose answers the guard cannot read (other encodings, binary types) "
         "pass unguarded instead of being refused.",
+    )
+    final_answer_only: bool | FinalAnswerOnlySpec = Field(
+        default=False,
+        description="Stream only the final answer: reasoning (and with tool_calls, tool calls) is checked by the "
+        "rules and counted, but never sent to the client.",
     )
     allow_empty: bool = Field(
         default=False, description="A file without rules is an error unless it says so with true."

@@ -39,7 +39,7 @@ acts as ``abort`` there, so a second trip ends the stream instead of branching a
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple, cast
 
 from guardrail.core.dialect import (
@@ -48,6 +48,7 @@ from guardrail.core.dialect import (
     EventKind,
     Fail,
     FallbackText,
+    Kind,
     Parsed,
     Stop,
     StopReason,
@@ -112,6 +113,7 @@ class _ChannelGuard:
         "final",
         "finished",
         "held_since",
+        "hidden",
         "hits",
         "json_text",
         "last_hit",
@@ -122,6 +124,7 @@ class _ChannelGuard:
         "released",
         "restarted",
         "sent",
+        "withheld",
     )
 
     def __init__(self, name: str, rules: Sequence[BoundRule], json_text: bool = False) -> None:
@@ -145,6 +148,8 @@ class _ChannelGuard:
         self.held_since: float | None = None
         self.finished = False
         self.sent: list[str] = []  # what reached the client, replacements included
+        self.hidden = False  # final answer only: the channel is checked but never sent
+        self.withheld: list[str] = []  # what a hidden channel would have sent
 
     def feed(self, text: str, *, final: bool, out: list[Output], now: float) -> str:
         """Take ``text`` (and end the channel if ``final``); return the text to release now.
@@ -176,7 +181,7 @@ class _ChannelGuard:
             # The common case: nothing held before, nothing to act on, all of it safe.
             released, self.pending, self.released = self.pending, "", frontier
             if released:
-                self.sent.append(released)
+                self._record(released)
             return released
         start = self.released
         released = self._release(frontier, out)
@@ -192,9 +197,16 @@ class _ChannelGuard:
                 self.released -= run
                 released = released[: len(released) - run]
         if released:
-            self.sent.append(released)
+            self._record(released)
         self._note_held(held_before, released, out, now)
         return released
+
+    def _record(self, released: str) -> None:
+        (self.withheld if self.hidden else self.sent).append(released)
+
+    def text_so_far(self) -> str:
+        """What the channel released, sent or (hidden) withheld: what the rules passed."""
+        return "".join(self.withheld if self.hidden else self.sent)
 
     def _release(self, frontier: int, out: list[Output]) -> str:
         parts: list[str] = []
@@ -232,7 +244,7 @@ class _ChannelGuard:
             parts.append(self._take(hit.start))
         if rule.action is not Action.REDACT:
             released = self._trim("".join(parts), "")
-            self.sent.append(released)
+            self._record(released)
             raise _Trip(rule, released, self.name)
         if hit.end <= self.released:
             return
@@ -242,7 +254,7 @@ class _ChannelGuard:
         stop = min(hit.end, self.received)
         self.pending = self.pending[stop - self.released :]
         self.released = self.redacted_until = stop
-        self._watch(stop, "".join(self.sent) + "".join(parts))
+        self._watch(stop, self.text_so_far() + "".join(parts))
 
     def _watch(self, stop: int, client: str) -> None:
         """Have the pattern rules also read what the client sees after a replacement.
@@ -300,7 +312,7 @@ class _ChannelGuard:
         rules = [rule for rule in rules if getattr(rule.rule, "scans_fields", False)]
         if not text or not rules:
             return text
-        context = "".join(self.sent)[-_EDGE_CONTEXT:]
+        context = self.text_so_far()[-_EDGE_CONTEXT:]
         while text:
             whole = context + text + after
             cut = len(text)
@@ -339,6 +351,8 @@ class StreamGuard:
         encoding: the tiktoken encoding that counts completion tokens (see
             :meth:`completion_tokens`); None: no counting, no usage written by the guard.
         prompt_tokens: the request's prompt tokens, for usage the dialect writes.
+        hide: kinds of channel (reasoning, tool calls) checked by the rules but never sent: the
+            rule file's ``final_answer_only``.
         continuation: this guard guards a url fallback's answer, spliced into a stream the
             client already has: a rule with ``action: fallback`` acts as ``abort``.
     """
@@ -352,9 +366,11 @@ class StreamGuard:
         encoding: BPEEncoding | None = None,
         prompt_tokens: int | None = None,
         continuation: bool = False,
+        hide: Collection[Kind] = (),
         **options: Any,
     ) -> None:
         self._rules = tuple(rules)
+        self._hide = frozenset(hide)
         self._text_rules = tuple(rule for rule in self._rules if rule.checks_text)
         self._field_rules = tuple(rule for rule in self._text_rules if getattr(rule.rule, "scans_fields", False))
         self._timers: list[tuple[BoundRule, Timer]] = [
@@ -423,7 +439,8 @@ class StreamGuard:
             return None
         if self._completion_tokens is None or not self._ended:
             encode = self._encoding.encode_ordinary
-            self._completion_tokens = sum(len(encode("".join(c.sent))) for c in self._channels.values())
+            # What the model produced and the rules passed: hidden channels (final answer only) too.
+            self._completion_tokens = sum(len(encode(c.text_so_far())) for c in self._channels.values())
         return self._completion_tokens
 
     def sent_text(self) -> dict[str, str]:
@@ -599,11 +616,13 @@ class StreamGuard:
         number = -1
         try:
             for number, piece in enumerate(parsed.pieces):
-                channel = self._channel(piece.channel, piece.json_text)
+                channel = self._channel(piece.channel, piece.json_text, piece.kind)
                 self.deltas += 1  # checked by every rule, even if it trips one
                 released = channel.feed(piece.text, final=False, out=out, now=now)
                 for _, timer in self._timers:
                     timer.content(now)
+                if channel.hidden:
+                    released = ""  # final answer only: checked, counted, not sent
                 texts[number] = released
                 last[piece.channel] = number
                 whole = whole and released == piece.text
@@ -614,7 +633,7 @@ class StreamGuard:
                     continue
                 number = last.get(name, -1)
                 released = ending.feed("", final=True, out=out, now=now)
-                if not released:
+                if not released or ending.hidden:
                     continue
                 if number >= 0:
                     texts[number] += released
@@ -622,7 +641,10 @@ class StreamGuard:
                 else:
                     late.append(self.stream.text(name, released))
         except _Trip as trip:
-            if number >= 0:
+            hidden = self._channels[trip.channel].hidden if trip.channel in self._channels else False
+            if hidden:
+                pass  # final answer only: nothing of it goes out
+            elif number >= 0:
                 texts[number] = texts.get(number, "") + trip.released
             elif trip.released:
                 wire.append(self.stream.text(trip.channel, trip.released))
@@ -693,10 +715,11 @@ class StreamGuard:
             return False
         return True
 
-    def _channel(self, name: str, json_text: bool = False) -> _ChannelGuard:
+    def _channel(self, name: str, json_text: bool = False, kind: Kind = Kind.ANSWER) -> _ChannelGuard:
         guard = self._channels.get(name)
         if guard is None:
             guard = self._channels[name] = _ChannelGuard(name, self._text_rules, json_text)
+            guard.hidden = kind in self._hide
         elif guard.finished:
             raise _Unreadable(f"text on {name} after the event that ended it")
         return guard
@@ -708,11 +731,11 @@ class StreamGuard:
             try:
                 released = channel.feed("", final=True, out=out, now=now)
             except _Trip as trip:
-                if trip.released:
+                if trip.released and not channel.hidden:
                     self._before_wait(channel.name, self.stream.text(channel.name, trip.released), wire)
                     trip.released = ""
                 raise
-            if released:
+            if released and not channel.hidden:
                 self._before_wait(channel.name, self.stream.text(channel.name, released), wire)
                 if self.first_text_at is None:
                     self.first_text_at = now
