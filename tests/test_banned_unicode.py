@@ -80,3 +80,15 @@ def test_ten_thousand_phrases_load_fast_and_do_not_trip_on_their_own_words() -> 
     prose = " ".join(words[(n * 13) % 3000] for n in range(2000))  # their vocabulary, never in their order
     assert client_text(rule, prose[:3000], byte_step=4096) == prose[:3000]
     assert client_text(rule, f"a {phrases[1234].upper()} b", byte_step=1) == "a [x] b"
+
+
+def test_a_pattern_still_on_its_way_is_held_though_a_later_phrase_is_complete() -> None:
+    """The regex module prefers a complete match to an earlier partial one; the guard must not."""
+    pem = r"-----BEGIN[A-Z ]{0,20}PRIVATE KEY-----[A-Za-z0-9+/=\s]{0,400}?-----END[A-Z ]{0,20}PRIVATE KEY-----"
+    rule = BannedPatterns(patterns=[pem], phrases=["project starlight"])
+    checker = rule.checker()
+    assert checker.feed("-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJB").safe == 0
+    # The phrase inside the key's body is complete, but the key (which contains it) is not: hold from its start.
+    assert checker.feed("tlights PROJECT\nstarlight").safe == 0
+    verdict = checker.feed("LInFEX6Ppy1tPf9\n-----END RSA PRIVATE KEY----- and then some more text")
+    assert [(hit.start, hit.detail.startswith("pattern")) for hit in verdict.hits] == [(0, True)]

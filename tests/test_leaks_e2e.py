@@ -233,3 +233,25 @@ def test_json_nested_10000_deep_ends_the_stream_with_an_error_the_sdk_raises() -
         seen, error = client_view(base_url)
     assert isinstance(error, openai.APIError)
     assert "malformed" in str(error) or "JSON" in str(error)
+
+
+@pytest.mark.parametrize(
+    "trick",
+    [
+        "proj\u200bect starlight",
+        "project star\u00adlight",
+        "ｐｒｏｊｅｃｔ ｓｔａｒｌｉｇｈｔ",
+        "proje\u0301ct starlight",
+    ],
+)
+def test_unicode_tricks_do_not_get_a_phrase_past_a_normalising_rule(trick: str) -> None:
+    from guardrail.rules.banned import BannedPatterns
+
+    rule = BoundRule("codename", BannedPatterns(phrases=["project starlight"], normalize=True), Action.REDACT)
+    ruleset = load_rules(ROOT / "rules" / "default.yaml").from_rules([rule], paths=["/v1/*"])
+    events = [*(chunk({"content": p}) for p in split(f"It is {trick}, ok.", 3)), DONE]
+    with serve_in_thread(app_streaming(events, ruleset)) as base_url:
+        with openai.OpenAI(base_url=f"{base_url}/v1", api_key="k", max_retries=0, timeout=10) as client:
+            stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            text = "".join(choice.delta.content or "" for item in stream for choice in item.choices)
+    assert text == "It is [redacted], ok."

@@ -150,3 +150,38 @@ def test_the_middleware_guards_or_refuses_every_spelling_of_a_path(setup: str, p
     assert_guarded_or_refused(status, body, prefix + path)
     if path == "/v1/chat/completions":
         assert b"[redacted]" in body  # the guard is on, not just the route off
+
+
+def raw_request(base_url: str, request: bytes) -> bytes:
+    """Send ``request`` as raw bytes; the raw answer."""
+    import socket
+
+    netloc = urlsplit(base_url).netloc
+    host, port = netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"HEAD /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 14\r\n\r\n"
+        b'{"model": "m"}',
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 5\r\n\r\n[1,2]",
+        b"POST /v1/" + b"a" * 65536 + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"POST /v1/chat/completions%zz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    ],
+    ids=["head", "http-1.0", "no-body", "no-messages", "array-body", "64k-path", "bad-escape"],
+)
+def test_hostile_requests_get_an_answer_and_never_the_key(proxy: tuple[str, Starlette], request_bytes: bytes) -> None:
+    base_url, _ = proxy
+    answer = raw_request(base_url, request_bytes)
+    assert answer.startswith(b"HTTP/1.")
+    assert KEY[3:12].encode() not in answer

@@ -759,15 +759,13 @@ class _GuardedResponse:
         fallback = ended.fallback
         now = self.now()
         # The same rules guard the fallback's answer; its chunks join the first stream's identity.
-        guard = StreamGuard(
-            self.rules,
-            start=now,
-            identity=self.guard.identity,
-            continuation=True,
-            encoding=self.encoding,
+        stream = self.guard.stream.continuation(  # type: ignore[attr-defined]  # (the engine checked it has one)
             include_usage=self.request.include_usage,
             prompt_tokens=self.prompt_tokens,
             tokens_before=self.guard.completion_tokens() or 0,
+        )
+        guard = StreamGuard(
+            self.rules, stream, start=now, continuation=True, encoding=self.encoding, prompt_tokens=self.prompt_tokens
         )
         request = fallback_request(self.request, fallback, self.scope)
         if request is None:

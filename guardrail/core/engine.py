@@ -48,6 +48,7 @@ from guardrail.core.dialect import (
     EventKind,
     Fail,
     FallbackText,
+    Framing,
     Kind,
     Parsed,
     Stop,
@@ -772,6 +773,8 @@ class StreamGuard:
         if rule.action is not Action.FALLBACK or fallback is None:
             return False
         if fallback.url is not None:
+            if self.stream.framing is not Framing.SSE or not hasattr(self.stream, "continuation"):
+                return False  # another upstream's answer splices only into a chat-style stream: abort
             self._ended = True  # closings still waiting are dropped: the fallback's answer continues those channels
             out.append(Ended(outcome, rule.name, fallback))  # the shell streams the other upstream
             return True

@@ -440,7 +440,29 @@ class BannedPatternsChecker:
             match = self._search(searcher, pos, final)
             if match is not None and (best is None or match.start() < best[0].start()):
                 best = (match, searcher)
+        if best is not None and not final and not best[0].partial and best[0].start() > pos:
+            # The regex module prefers a complete match to a partial one that starts earlier (an
+            # alternation's phrase inside a private key still on its way): look for that partial.
+            earlier = self._partial_before(pos, best[0].start())
+            if earlier is not None:
+                return earlier
         return best
+
+    def _partial_before(self, pos: int, limit: int) -> tuple[regex.Match[str], _Searcher] | None:
+        """The earliest match still partial at the end of the text that starts before ``limit``."""
+        for searcher in self._searchers:
+            start = pos
+            while start < limit:
+                # A match partial at the end of the text is partial at ``limit`` too (no complete
+                # match starts before it), so the text cut there finds its candidates.
+                candidate = searcher.pattern.search(self._tail, start, limit, partial=True, timeout=self._timeout)
+                if candidate is None:
+                    break
+                whole = searcher.pattern.match(self._tail, candidate.start(), partial=True, timeout=self._timeout)
+                if whole is not None and whole.partial:
+                    return whole, searcher
+                start = candidate.start() + 1
+        return None
 
     def _overlapping(self, start: int, stop: int, label: str, final: bool) -> tuple[int, int, str, bool] | None:
         """The earliest match of another alternative that starts inside ``[start, stop)`` and ends after it."""

@@ -135,7 +135,7 @@ class ChatStream:
 
     def continuation(self, **options: Any) -> ChatStream:
         """A stream object for a url fallback's answer, joining this stream."""
-        return ChatStream(Framing.SSE, identity=self.template, continuation=True, **options)
+        return type(self)(Framing.SSE, identity=self.template, continuation=True, **options)
 
     # -- reading ----------------------------------------------------------------------------
 
