@@ -198,11 +198,20 @@ def serve(
     show_default=True,
     help="The request path the stream answered (rule files guard paths they list).",
 )
+@click.option(
+    "--dialect",
+    default=None,
+    help="The recording's dialect (openai_chat, openai_responses, anthropic_messages, ollama...); "
+    "by default the one the path names.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def replay(rule_files: tuple[str, ...], stream_file: str, chunk_size: int | None, path: str, as_json: bool) -> None:
+def replay(
+    rule_files: tuple[str, ...], stream_file: str, chunk_size: int | None, path: str, dialect: str | None, as_json: bool
+) -> None:
     """Show what the client would see of a recorded stream, through rule files.
 
-    STREAM_FILE is the raw body of an OpenAI chat completion stream ("-" reads stdin), e.g.
+    STREAM_FILE is the raw body of an answer ("-" reads stdin): an OpenAI chat completion
+    stream by default, or the dialect of --path (or --dialect), e.g.
     captured with curl -N ... > answer.sse. It is fed to the guard one event at a time, as a
     server sends it (or in --chunk-size pieces), and the command prints the text the client
     would receive per channel, the finish reasons, whether [DONE] came, any error event, a
@@ -237,7 +246,12 @@ def replay(rule_files: tuple[str, ...], stream_file: str, chunk_size: int | None
     rules = ruleset.rules_for(path)
     if not rules:
         click.echo(f"warning: no rule in {', '.join(rule_files)} guards the path {path}", err=True)
-    result = run_replay(data, rules, chunk_size=chunk_size)
+    from guardrail.core.dialects import DIALECTS, dialect_for_path
+
+    name = dialect or ruleset.dialect_for(path) or dialect_for_path(path) or "openai_chat"
+    if name not in DIALECTS:
+        raise click.UsageError(f"unknown dialect {name!r}; known: {', '.join(DIALECTS)}")
+    result = run_replay(data, rules, chunk_size=chunk_size, dialect=name)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
     else:

@@ -1,6 +1,7 @@
 """Offline replay: run a recorded stream through the guard and show what the client would see.
 
-A recording is the raw body of an OpenAI chat completion stream, as captured with, say,
+A recording is the raw body of an answer in any dialect (an OpenAI chat completion stream by
+default; ``dialect`` names another: Responses, Anthropic, Ollama...), as captured with, say,
 ``curl -N https://.../v1/chat/completions -d @request.json > answer.sse`` (an HTTP head from
 ``curl -i`` is skipped). :func:`replay` feeds it to a :class:`~guardrail.core.engine.StreamGuard`
 one event at a time, as a server would send it, or in pieces of ``chunk_size`` bytes, and
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardrail.asgi.branch import display_url
-from guardrail.core.dialect import EventKind
+from guardrail.core.dialect import EventKind, Framing
+from guardrail.core.dialects import get_dialect
 from guardrail.core.dialects.openai_chat import ChatStream
 from guardrail.core.engine import StreamGuard
+from guardrail.core.framing import frames_for
 from guardrail.core.outputs import Anomaly, Ended, Intervention, Outcome, Send
 from guardrail.core.rule import BoundRule, Fallback
 from guardrail.core.sse import SSEDecoder
@@ -127,13 +130,16 @@ def split_events(data: bytes) -> list[bytes]:
     return pieces
 
 
-def replay(data: bytes, rules: Sequence[BoundRule], *, chunk_size: int | None = None) -> ReplayResult:
+def replay(
+    data: bytes, rules: Sequence[BoundRule], *, chunk_size: int | None = None, dialect: str = "openai_chat"
+) -> ReplayResult:
     """Run a recorded stream through the guard.
 
     Args:
         data: the recorded body (an HTTP head before it is skipped).
         rules: the rules to apply.
         chunk_size: feed pieces of this many bytes; by default one event at a time.
+        dialect: the dialect the recording is in (see ``guardrail.core.dialects.DIALECTS``).
 
     Returns:
         What the client would see, the rule hits and the outcome.
@@ -148,14 +154,19 @@ def replay(data: bytes, rules: Sequence[BoundRule], *, chunk_size: int | None = 
         pieces = split_events(body)
     else:
         pieces = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
-    guard = StreamGuard(rules)
+    framing = _FRAMINGS.get(dialect, Framing.SSE)
+    guard = (
+        StreamGuard(rules)
+        if dialect == "openai_chat"
+        else StreamGuard(rules, get_dialect(dialect).start(framing, None))
+    )
     outputs = [output for piece in pieces for output in guard.feed(piece)]
     outputs += guard.close()
     ended = next((output for output in outputs if isinstance(output, Ended)), Ended(Outcome.COMPLETED))
     wire = b"".join(output.data for output in outputs if isinstance(output, Send))
     fallback = ended.fallback if ended.fallback is not None and ended.fallback.url is not None else None
     return ReplayResult(
-        client=client_view(wire),
+        client=client_view(wire) if dialect == "openai_chat" else dialect_view(wire, dialect),
         hits=[output for output in outputs if isinstance(output, Intervention)],
         anomalies=[output for output in outputs if isinstance(output, Anomaly)],
         outcome=ended.outcome,
@@ -192,6 +203,27 @@ def client_view(wire: bytes) -> ClientView:
                 if isinstance(choice, dict) and choice.get("finish_reason"):
                     index = choice.get("index", pos)
                     view.finish_reasons[index if isinstance(index, int) else pos] = str(choice["finish_reason"])
+    return view
+
+
+# The framing of a recording in each dialect: event streams but for Ollama (NDJSON) and text.
+_FRAMINGS = {"ollama": Framing.NDJSON, "text": Framing.TEXT}
+
+
+def dialect_view(wire: bytes, dialect: str) -> ClientView:
+    """Read a guarded answer in ``dialect`` as its client would: the text per channel, the end, errors."""
+    view = ClientView()
+    reader = get_dialect(dialect).start(_FRAMINGS.get(dialect, Framing.SSE), None)
+    frames = frames_for(reader.framing)
+    for raw, fields in [*frames.feed(wire), *frames.close()]:
+        parsed = reader.parse(raw, fields)
+        for piece in parsed.pieces:
+            view.text[piece.channel] = view.text.get(piece.channel, "") + piece.text
+        if parsed.kind is EventKind.END:
+            view.done = True
+        elif parsed.kind is EventKind.ERROR and isinstance(parsed.data, dict):
+            error = parsed.data.get("error", parsed.data)
+            view.errors.append(error if isinstance(error, dict) else {"message": str(error)})
     return view
 
 

@@ -171,3 +171,19 @@ def test_whole_answers(served: tuple[str, Action | str]) -> None:
     for result in (chat, response, message):
         dumped = result.model_dump_json(warnings=False).replace(INSTRUCTIONS, "")
         assert KEY not in dumped and "starlight" not in dumped.lower()
+
+
+@pytest.mark.parametrize(
+    ("dialect", "events", "channel"),
+    [
+        ("openai_responses", streams.responses_stream(DELTAS), "output[0].content[0].text"),
+        ("anthropic_messages", streams.messages_stream(DELTAS), "content[0].text"),
+    ],
+)
+def test_replay_reads_every_dialect(dialect: str, events: list[bytes], channel: str) -> None:
+    from guardrail.replay import replay
+
+    result = replay(b"".join(events), rules(Action.REDACT).rules, dialect=dialect)
+    assert result.client.text[channel] == REDACTED
+    assert result.client.done
+    assert [hit.rule for hit in result.hits] == ["secrets", "secrets"]

@@ -198,7 +198,7 @@ class Dialect(Protocol):
 
     name: str
 
-    def start(self, framing: Framing, request: RequestInfo, **options: Any) -> DialectStream:
+    def start(self, framing: Framing, request: RequestInfo | None = None, **options: Any) -> DialectStream:
         """A stream object for one response in ``framing``."""
         ...
 
