@@ -66,3 +66,18 @@ async def test_a_failure_after_an_unguarded_response_started_is_the_apps_own_exc
     with anyio.fail_after(5), pytest.raises(AppBroke):  # not an ExceptionGroup
         await GuardrailMiddleware(app, rules=RULES)(http_scope(CHAT_PATH), Receiver(), recorder)  # type: ignore[arg-type]
     assert recorder.start["headers"] == [(b"content-type", b"image/png")]
+
+
+@pytest.mark.parametrize("status", [200, 204])
+async def test_an_empty_json_answer_stays_empty(status: int) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    recorder = Recorder()
+    with anyio.fail_after(5):
+        await GuardrailMiddleware(app, rules=RULES)(http_scope(CHAT_PATH), Receiver(), recorder)
+    assert recorder.start["status"] == status
+    assert recorder.body == b""

@@ -88,7 +88,7 @@ class WholeBody:
 
     def close(self) -> list[Frame]:
         body, self._parts = b"".join(self._parts), []
-        return [(body, None)]
+        return [(body, None)] if body.strip() else []  # an empty body (HEAD, 204) has nothing to read
 
 
 class TextFrames:
