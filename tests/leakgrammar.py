@@ -464,6 +464,67 @@ def _decode_escape(match: regex.Match[str]) -> str:
 _ESCAPE = regex.compile(r'\\u[0-9a-fA-F]{4}|\\["\\/bfnrt]|\\u[0-9a-fA-F]{0,3}$')
 
 
+# -- Ollama (NDJSON) --------------------------------------------------------------------------------
+
+
+def ollama_stream(rng: random.Random) -> bytes:
+    """One Ollama /api/chat answer: content, thinking and tool calls, text on the final line, errors."""
+    head = {"model": "m", "created_at": "2024-01-01T00:00:00Z"}
+    lines: list[dict[str, Any]] = []
+    plan = [(field, piece) for field in ("content", "thinking") for piece in cut(rng, text(rng)) if rng.random() < 0.9]
+    rng.shuffle(plan) if rng.random() < 0.2 else None
+    for field, piece in plan:
+        message: dict[str, Any] = {"role": "assistant", "content": "", field: piece}
+        if rng.random() < 0.05:
+            message["tool_calls"] = [{"function": {"name": "f", "arguments": {"q": text(rng)}}}]
+        line: dict[str, Any] = {**head, "message": message, "done": False}
+        if rng.random() < 0.03:
+            line[rng.choice(["x_note", text(rng)])] = text(rng)
+        lines.append(line)
+    final: dict[str, Any] = {
+        **head,
+        "message": {"role": "assistant", "content": ""},
+        "done": True,
+        "done_reason": "stop",
+    }
+    if rng.random() < 0.3:
+        final["message"]["content"] = text(rng)  # text on the final line
+    body = [json.dumps(line, ensure_ascii=rng.random() < 0.5).encode() + b"\n" for line in [*lines, final]]
+    if rng.random() < 0.05:
+        body.insert(rng.randint(0, len(body)), json.dumps({"error": text(rng)}).encode() + b"\n")
+    return b"".join(body)
+
+
+def ollama_client(wire: bytes) -> list[str]:
+    """Every string the ollama client can show: each JSON string, and content and thinking joined."""
+    seen: list[str] = []
+    joined: dict[str, str] = {}
+    for line in wire.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            seen.append(line.decode("utf-8", "replace"))
+            continue
+        message = obj.get("message") if isinstance(obj, dict) else None
+        if isinstance(message, dict):
+            for field in ("content", "thinking"):
+                if isinstance(message.get(field), str):
+                    joined[field] = joined.get(field, "") + message[field]
+            obj = {**obj, "message": {k: v for k, v in message.items() if k not in ("content", "thinking")}}
+        seen.extend(_strings(obj))
+    return seen + list(joined.values())
+
+
+def ollama_guard(rules: list[BoundRule]) -> Any:
+    from guardrail.core.dialect import Framing
+    from guardrail.core.dialects.ollama import OllamaStream
+    from guardrail.core.engine import StreamGuard
+
+    return StreamGuard(rules, OllamaStream(Framing.NDJSON))
+
+
 def chat_guard(rules: list[BoundRule]) -> Any:
     from guardrail.core.engine import StreamGuard
 
@@ -491,4 +552,5 @@ DIALECTS: dict[str, tuple[Generator, Reader, Callable[[list[BoundRule]], Any]]] 
     "openai_chat": (chat_stream, chat_client, chat_guard),
     "openai_responses": (responses_stream, responses_client, responses_guard),
     "anthropic_messages": (messages_stream, messages_client, messages_guard),
+    "ollama": (ollama_stream, ollama_client, ollama_guard),
 }

@@ -80,6 +80,7 @@ class OllamaStream:
         self._generate = generate
         self._head: dict[str, Any] = {"model": model if isinstance(model, str) else "", "created_at": ""}
         self._body: dict[str, Any] | None = None
+        self._calls = 0  # tool calls seen: each one's strings get channels of their own
 
     def parse(self, frame: bytes, fields: Any = None) -> Parsed:
         if not frame.strip():
@@ -114,9 +115,11 @@ class OllamaStream:
                 return Parsed(EventKind.TEXT, frame, tuple(pieces), tuple(others), ends, data=obj, derived=True)
             if not pieces:
                 return Parsed(EventKind.END, frame, others=tuple(others), data=obj)
-            return Parsed(EventKind.TEXT, frame, tuple(pieces), tuple(others), data=obj, waits=("",))
+            calls = tuple(dict.fromkeys(piece.channel for piece in pieces if piece.channel.startswith("tool_call[")))
+            return Parsed(EventKind.TEXT, frame, tuple(pieces), tuple(others), calls, data=obj, waits=("",))
         event = EventKind.TEXT if pieces else EventKind.PASS
-        return Parsed(event, frame, tuple(pieces), tuple(others), data=obj)
+        calls = tuple(dict.fromkeys(piece.channel for piece in pieces if piece.channel.startswith("tool_call[")))
+        return Parsed(event, frame, tuple(pieces), tuple(others), calls, data=obj)
 
     def _read_message(self, pieces: list[Piece], others: list[str], message: dict[str, Any]) -> None:
         for key, value in message.items():
@@ -128,9 +131,10 @@ class OllamaStream:
                     pieces.append(Piece(f"message.{key}", value, ("message", key), kind))
             elif key == "tool_calls" and type(value) is list:
                 for position, call in enumerate(value):
-                    _tool_strings(
-                        pieces, others, f"message.tool_calls[{position}]", ("message", "tool_calls", position), call
-                    )
+                    # Each call arrives whole: its strings are channels of their own, ended in this line.
+                    self._calls += 1
+                    where = ("message", "tool_calls", position)
+                    _tool_strings(pieces, others, f"tool_call[{self._calls}]", where, call)
             else:
                 others.extend(jsontext.strings(value))
 
