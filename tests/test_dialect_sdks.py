@@ -187,3 +187,63 @@ def test_replay_reads_every_dialect(dialect: str, events: list[bytes], channel: 
     assert result.client.text[channel] == REDACTED
     assert result.client.done
     assert [hit.rule for hit in result.hits] == ["secrets", "secrets"]
+
+
+def test_a_url_fallback_continues_an_anthropic_answer_in_its_own_dialect() -> None:
+    backup = FastAPI()
+
+    @backup.post("/v1/messages")
+    async def backup_messages() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for event in streams.messages_stream(["Here is ", "a safe answer."]):
+                yield event
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    with serve_in_thread(backup) as backup_url:
+        banned = BannedPatterns(patterns=[r"sk-[A-Za-z0-9]{20,}"])
+        fallback = Fallback("backup", url=f"{backup_url}/v1/messages")
+        ruleset = RuleSet.from_rules([BoundRule("keys", banned, Action.FALLBACK, fallback=fallback)], paths=["/v1/*"])
+        with serve_in_thread(app(ruleset)) as base_url:
+            with anthropic.Anthropic(base_url=base_url, api_key="k", max_retries=0, timeout=10) as client:
+                with client.messages.stream(
+                    model="m", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+                ) as stream:
+                    text = "".join(stream.text_stream)
+                    final = stream.get_final_message()
+    assert text == PREFIX + "Here is a safe answer."
+    assert final.stop_reason == "end_turn"
+    assert [block.text for block in final.content if block.type == "text"] == [PREFIX, "Here is a safe answer."]
+
+
+def test_a_url_fallback_continues_a_responses_answer_in_its_own_dialect() -> None:
+    backup = FastAPI()
+
+    @backup.post("/v1/responses")
+    async def backup_responses() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for event in streams.responses_stream(["Here is ", "a safe answer."]):
+                yield event
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    with serve_in_thread(backup) as backup_url:
+        banned = BannedPatterns(patterns=[r"sk-[A-Za-z0-9]{20,}"])
+        fallback = Fallback("backup", url=f"{backup_url}/v1/responses")
+        ruleset = RuleSet.from_rules([BoundRule("keys", banned, Action.FALLBACK, fallback=fallback)], paths=["/v1/*"])
+        with serve_in_thread(app(ruleset)) as base_url:
+            with openai.OpenAI(base_url=f"{base_url}/v1", api_key="k", max_retries=0, timeout=10) as client:
+                events = list(client.responses.create(model="m", input="hi", instructions=INSTRUCTIONS, stream=True))
+                with client.responses.stream(model="m", input="hi", instructions=INSTRUCTIONS) as stream:
+                    for _ in stream:
+                        pass
+                    final = stream.get_final_response()
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert text == PREFIX + "Here is a safe answer."
+    numbers = [event.sequence_number for event in events]
+    assert numbers == sorted(set(numbers))
+    assert [event.type for event in events].count("response.created") == 1
+    last = events[-1]
+    assert last.type == "response.completed" and last.response.id == streams.RESPONSE_ID
+    assert [item.model_dump()["status"] for item in last.response.output] == ["incomplete", "completed"]
+    assert final.output_text == PREFIX + "Here is a safe answer."

@@ -760,6 +760,7 @@ class _GuardedResponse:
         now = self.now()
         # The same rules guard the fallback's answer; its chunks join the first stream's identity.
         stream = self.guard.stream.continuation(  # type: ignore[attr-defined]  # (the engine checked it has one)
+            ledger=self.guard,
             include_usage=self.request.include_usage,
             prompt_tokens=self.prompt_tokens,
             tokens_before=self.guard.completion_tokens() or 0,

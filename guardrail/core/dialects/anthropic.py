@@ -105,6 +105,23 @@ class MessagesStream:
         self._started = False
         self._body: dict[str, Any] | None = None
         self._created = int(time.time())
+        self._offset = 0  # a continuation's block indexes follow the first stream's
+        self._continuing = False
+        self._closing_first = b""  # a continuation first closes the blocks the first stream left open
+
+    def continuation(self, **options: Any) -> MessagesStream:
+        """A stream object for a url fallback's answer, joining this stream.
+
+        The other upstream's ``message_start`` is dropped (the client has one), its blocks follow
+        this stream's (indexes shifted), and the blocks this stream left open are closed first.
+        """
+        child = MessagesStream(Framing.SSE)  # (options such as the ledger: nothing to take from them)
+        child._message, child._started, child._continuing = self._message, True, True
+        child._offset = max(self._blocks, default=-1) + 1
+        child._closing_first = b"".join(
+            self._event({"type": "content_block_stop", "index": index}) for index in self._open
+        )
+        return child
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -112,6 +129,10 @@ class MessagesStream:
         if self.framing is Framing.JSON:
             return self._parse_body(frame)
         event: SSEEvent = fields
+        if self._continuing and event.data is not None:
+            frame, event = self._adopt(event)
+            if not frame:
+                return Parsed(EventKind.PASS, b"")
         sse_others = _openai.sse_others(event)
         if event.data is None:
             return Parsed(EventKind.PASS, frame, others=sse_others)
@@ -146,6 +167,24 @@ class MessagesStream:
             detail = "a delta for a block that was never started"
             return Parsed(EventKind.MALFORMED, frame, detail=detail)
         return Parsed(EventKind.PASS, frame, others=(*sse_others, *_others(obj)), data=obj)
+
+    def _adopt(self, event: SSEEvent) -> tuple[bytes, SSEEvent]:
+        """A fallback answer's event as part of the first stream: no second start, blocks after its own."""
+        try:
+            obj = jsontext.loads(event.data or "")
+        except jsontext.Malformed:
+            return event.raw, event
+        if type(obj) is not dict:
+            return event.raw, event
+        if obj.get("type") == "message_start":
+            frame, self._closing_first = self._closing_first, b""
+            return frame, SSEEvent(frame, None)
+        if type(obj.get("index")) is int:
+            obj = {**obj, "index": obj["index"] + self._offset}
+        data = jsontext.dumps(obj)
+        frame = self._closing_first + encode_event(data, event=event.event)
+        self._closing_first = b""
+        return frame, SSEEvent(frame, data, event.event, event.id, event.retry, event.comments)
 
     def _delta(self, frame: bytes, obj: dict[str, Any], index: int, sse_others: tuple[str, ...]) -> Parsed:
         if index not in self._blocks:

@@ -135,6 +135,7 @@ class ChatStream:
 
     def continuation(self, **options: Any) -> ChatStream:
         """A stream object for a url fallback's answer, joining this stream."""
+        options.pop("ledger", None)  # the chat stream's choices simply go on
         return type(self)(Framing.SSE, identity=self.template, continuation=True, **options)
 
     # -- reading ----------------------------------------------------------------------------

@@ -154,14 +154,78 @@ class ResponsesStream:
         self._last_sequence = -1
         self._body: dict[str, Any] | None = None
         self._channels: set[str] = set()  # channels whose deltas streamed
+        self._offset = 0  # a continuation's output indexes follow the first stream's
+        self._continuing = False
+        self._closing_first = b""  # a continuation first closes what the first stream left open
         self._seen_parts: dict[tuple[int, int], str] = {}  # every content part added: its type
 
     # -- reading ----------------------------------------------------------------------------
+
+    def continuation(self, ledger: Ledger | None = None, **options: Any) -> ResponsesStream:
+        """A stream object for a url fallback's answer, joining this response.
+
+        The parts and items this stream left open are closed first (``incomplete``, with the text
+        the client received); the other upstream's lifecycle events before its output are
+        dropped, its output items follow this stream's (indexes shifted), and its final event
+        carries this response's id and every item the client received.
+        """
+        child = ResponsesStream(Framing.SSE)
+        if ledger is not None:
+            child._closing_first = self._close_open(ledger, "incomplete")
+        child._echo, child._response, child._last_sequence = self._echo, self._response, self._last_sequence
+        child._items = dict(self._items)
+        child._offset = max(self._items, default=-1) + 1
+        child._continuing = True
+        return child
+
+    def _adopt(self, event: SSEEvent) -> tuple[bytes, SSEEvent]:
+        """A fallback answer's event as part of this response."""
+        try:
+            obj = jsontext.loads(event.data or "")
+        except jsontext.Malformed:
+            return event.raw, event
+        if type(obj) is not dict:
+            return event.raw, event
+        first, self._closing_first = self._closing_first, b""
+        if obj.get("type") in ("response.created", "response.in_progress", "response.queued"):
+            return first, SSEEvent(first, None)
+        if type(obj.get("output_index")) is int:
+            obj = {**obj, "output_index": obj["output_index"] + self._offset}
+        obj = self._distinct_ids(obj)
+        response = obj.get("response")
+        if type(response) is dict:
+            obj = {**obj, "response": {**response, "id": self._response.get("id", response.get("id"))}}
+        data = jsontext.dumps(obj)
+        frame = first + encode_event(data, event=event.event)
+        return frame, SSEEvent(frame, data, event.event, event.id, event.retry, event.comments)
+
+    def _distinct_ids(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """``obj`` with the fallback's item ids renamed where they repeat the first stream's."""
+        taken = {str(item.get("id")) for index, item in self._items.items() if index < self._offset}
+
+        def fresh(value: object) -> object:
+            return f"{value}_fallback" if isinstance(value, str) and value in taken else value
+
+        if "item_id" in obj:
+            obj = {**obj, "item_id": fresh(obj["item_id"])}
+        if type(obj.get("item")) is dict:
+            obj = {**obj, "item": {**obj["item"], "id": fresh(obj["item"].get("id"))}}
+        response = obj.get("response")
+        if type(response) is dict and type(response.get("output")) is list:
+            output = [
+                {**item, "id": fresh(item.get("id"))} if type(item) is dict else item for item in response["output"]
+            ]
+            obj = {**obj, "response": {**response, "output": output}}
+        return obj
 
     def parse(self, frame: bytes, fields: Any = None) -> Parsed:
         if self.framing is Framing.JSON:
             return self._parse_body(frame)
         event: SSEEvent = fields
+        if self._continuing and event.data is not None:
+            frame, event = self._adopt(event)
+            if not frame:
+                return Parsed(EventKind.PASS, b"")
         sse_others = _openai.sse_others(event)
         if event.data is None:
             return Parsed(EventKind.PASS, frame, others=sse_others)
@@ -313,7 +377,12 @@ class ResponsesStream:
         if self.framing is Framing.JSON:
             return self._end_body(ending, ledger)
         if ending is None:
-            return self._event(self._with_client_text(parsed.data, ledger)) if parsed is not None else b""
+            if parsed is None:
+                return b""
+            final = self._with_client_text(parsed.data, ledger)
+            if self._continuing and type(final.get("response")) is dict:
+                final = {**final, "response": {**final["response"], "output": self._output()}}
+            return self._event(final)
         if isinstance(ending, Fail):
             error = {"type": ending.error_type, "code": ending.code, "message": ending.message, "param": None}
             flat = {"type": "error", "sequence_number": 0, **{k: v for k, v in error.items() if k != "type"}}
