@@ -36,6 +36,7 @@ from guardrail.core.dialect import (
     StopReason,
 )
 from guardrail.core.dialects import _openai
+from guardrail.core.dialects._events import event_object, reencoded
 from guardrail.core.sse import SSEEvent, encode_event
 
 NAME = "anthropic_messages"
@@ -170,21 +171,15 @@ class MessagesStream:
 
     def _adopt(self, event: SSEEvent) -> tuple[bytes, SSEEvent]:
         """A fallback answer's event as part of the first stream: no second start, blocks after its own."""
-        try:
-            obj = jsontext.loads(event.data or "")
-        except jsontext.Malformed:
+        obj = event_object(event)
+        if obj is None:
             return event.raw, event
-        if type(obj) is not dict:
-            return event.raw, event
+        first, self._closing_first = self._closing_first, b""
         if obj.get("type") == "message_start":
-            frame, self._closing_first = self._closing_first, b""
-            return frame, SSEEvent(frame, None)
+            return first, SSEEvent(first, None)
         if type(obj.get("index")) is int:
             obj = {**obj, "index": obj["index"] + self._offset}
-        data = jsontext.dumps(obj)
-        frame = self._closing_first + encode_event(data, event=event.event)
-        self._closing_first = b""
-        return frame, SSEEvent(frame, data, event.event, event.id, event.retry, event.comments)
+        return reencoded(obj, event, first)
 
     def _delta(self, frame: bytes, obj: dict[str, Any], index: int, sse_others: tuple[str, ...]) -> Parsed:
         if index not in self._blocks:

@@ -45,6 +45,7 @@ from guardrail.core.dialect import (
     StopReason,
 )
 from guardrail.core.dialects import _openai
+from guardrail.core.dialects._events import event_object, reencoded
 from guardrail.core.sse import SSEEvent, encode_event
 
 NAME = "openai_responses"
@@ -180,11 +181,8 @@ class ResponsesStream:
 
     def _adopt(self, event: SSEEvent) -> tuple[bytes, SSEEvent]:
         """A fallback answer's event as part of this response."""
-        try:
-            obj = jsontext.loads(event.data or "")
-        except jsontext.Malformed:
-            return event.raw, event
-        if type(obj) is not dict:
+        obj = event_object(event)
+        if obj is None:
             return event.raw, event
         first, self._closing_first = self._closing_first, b""
         if obj.get("type") in ("response.created", "response.in_progress", "response.queued"):
@@ -195,9 +193,7 @@ class ResponsesStream:
         response = obj.get("response")
         if type(response) is dict:
             obj = {**obj, "response": {**response, "id": self._response.get("id", response.get("id"))}}
-        data = jsontext.dumps(obj)
-        frame = first + encode_event(data, event=event.event)
-        return frame, SSEEvent(frame, data, event.event, event.id, event.retry, event.comments)
+        return reencoded(obj, event, first)
 
     def _distinct_ids(self, obj: dict[str, Any]) -> dict[str, Any]:
         """``obj`` with the fallback's item ids renamed where they repeat the first stream's."""
