@@ -347,3 +347,23 @@ def test_serve_guards_responses_and_messages_end_to_end(demo_server: tuple[str, 
     metrics = httpx.get(f"{base_url}/metrics", timeout=TIMEOUT).text
     for dialect in ("openai_responses", "anthropic_messages"):
         assert re.search(rf'guardrail_streams_total{{dialect="{dialect}",outcome="\w+"}} [1-9]', metrics), dialect
+
+
+def test_proxy_errors_on_the_messages_endpoint_come_in_anthropics_envelope() -> None:
+    import socket
+
+    import anthropic
+
+    with socket.socket() as probe:  # a port nobody listens on: the upstream cannot be reached
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app(ServeSettings((str(DEFAULT_RULES),), f"http://127.0.0.1:{port}"), registry=CollectorRegistry())
+    with serve_in_thread(app) as base_url:
+        with anthropic.Anthropic(base_url=base_url, api_key="k", max_retries=0, timeout=TIMEOUT) as client:
+            with pytest.raises(anthropic.APIStatusError) as raised:
+                client.messages.create(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.status_code == 502
+    assert raised.value.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "The upstream model server could not be reached."},
+    }

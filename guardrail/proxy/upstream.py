@@ -28,8 +28,9 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from guardrail._asgi import openai_error, send_json, serve_lifespan
+from guardrail._asgi import openai_error, send_json, send_response, serve_lifespan
 from guardrail._types import Message, Receive, Scope, Send
+from guardrail.core.dialects import dialect_for_path, get_dialect
 from guardrail.exceptions import UpstreamStreamError
 from guardrail.proxy.headers import client_response_headers, upstream_request_headers
 
@@ -221,13 +222,12 @@ class UpstreamProxy:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             logger.warning("upstream timed out for %s %s: %s", method, path, type(exc).__name__)
-            await _send_upstream_error(send, 504, "The upstream model server timed out.", "upstream_timeout")
+            await _send_upstream_error(send, 504, "The upstream model server timed out.", "upstream_timeout", path)
             return
         except httpx.TransportError as exc:
             logger.warning("upstream unreachable for %s %s: %s", method, path, type(exc).__name__)
-            await _send_upstream_error(
-                send, 502, "The upstream model server could not be reached.", "upstream_unreachable"
-            )
+            message = "The upstream model server could not be reached."
+            await _send_upstream_error(send, 502, message, "upstream_unreachable", path)
             return
         try:
             await send(
@@ -294,6 +294,11 @@ async def _cancel_on_disconnect(receive: Receive, body_read: anyio.Event, scope:
     scope.cancel()
 
 
-async def _send_upstream_error(send: Send, status: int, message: str, code: str) -> None:
+async def _send_upstream_error(send: Send, status: int, message: str, code: str, path: str = "") -> None:
+    """An error in the envelope of the dialect the path names (OpenAI's by default)."""
+    name = dialect_for_path(path)
     with contextlib.suppress(OSError):  # the client may already be gone; nothing left to tell it
-        await send_json(send, status, openai_error(message, type="upstream_error", code=code))
+        if name is None:
+            await send_json(send, status, openai_error(message, type="upstream_error", code=code))
+        else:
+            await send_response(send, status, get_dialect(name).error_body(status, code, message), b"application/json")

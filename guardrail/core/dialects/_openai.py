@@ -25,6 +25,11 @@ def error_body(code: str, message: str, param: str | None = None, type: str = "i
     return jsontext.dumps(error(message, type, code, param)).encode()
 
 
+def status_error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:
+    """A whole error response's body: an upstream's failure (5xx) or the request's (4xx)."""
+    return error_body(code, message, param, "upstream_error" if status >= 500 else "invalid_request_error")
+
+
 def include_usage(payload: Mapping[str, Any]) -> bool:
     options = payload.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True

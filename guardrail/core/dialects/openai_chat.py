@@ -78,7 +78,7 @@ class OpenAIChat:
         return ChatStream(framing, **options)
 
     def error_body(self, status: int, code: str, message: str, param: str | None = None) -> bytes:
-        return _openai.error_body(code, message, param)
+        return _openai.status_error_body(status, code, message, param)
 
     def prompt_tokens(self, payload: Mapping[str, Any], count: Any) -> int:
         return _openai.chat_prompt_tokens(payload, count)

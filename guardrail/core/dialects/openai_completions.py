@@ -30,7 +30,7 @@ class OpenAICompletions:
         return CompletionsStream(framing, **options)
 
     def error_body(self, status: int, code: str, message: str, param: str | None = None) -> bytes:
-        return _openai.error_body(code, message, param)
+        return _openai.status_error_body(status, code, message, param)
 
     def prompt_tokens(self, payload: Mapping[str, Any], count: Callable[[str], int]) -> int:
         prompt = payload.get("prompt")

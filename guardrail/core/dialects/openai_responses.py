@@ -101,7 +101,7 @@ class OpenAIResponses:
         return ResponsesStream(framing, request.payload if request is not None else None)
 
     def error_body(self, status: int, code: str, message: str, param: str | None = None) -> bytes:
-        return _openai.error_body(code, message, param)
+        return _openai.status_error_body(status, code, message, param)
 
     def prompt_tokens(self, payload: Mapping[str, Any], count: Callable[[str], int]) -> int:
         """``instructions`` and the text of ``input`` (a string, or messages with text content)."""
