@@ -247,3 +247,35 @@ def test_a_url_fallback_continues_a_responses_answer_in_its_own_dialect() -> Non
     assert last.type == "response.completed" and last.response.id == streams.RESPONSE_ID
     assert [item.model_dump()["status"] for item in last.response.output] == ["incomplete", "completed"]
     assert final.output_text == PREFIX + "Here is a safe answer."
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/v1/responses", {"model": "m", "instructions": "word " * 400, "input": "hi"}),
+        (
+            "/v1/responses",
+            {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "word " * 400}]}]},
+        ),
+        ("/v1/messages", {"model": "m", "max_tokens": 5, "system": "word " * 400, "messages": []}),
+        (
+            "/v1/messages",
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "word " * 400}]}],
+            },
+        ),
+    ],
+    ids=["responses-instructions", "responses-input", "messages-system", "messages-blocks"],
+)
+def test_a_prompt_budget_counts_each_request_format(path: str, payload: dict[str, Any]) -> None:
+    import httpx
+
+    encoding = get_encoding("o200k_base")
+    budget = BoundRule("prompt", TokenBudget(encoding, max_prompt_tokens=100), Action.ABORT)
+    with serve_in_thread(app(RuleSet.from_rules([budget], paths=["/v1/*"]))) as base_url:
+        response = httpx.post(f"{base_url}{path}", json=payload, timeout=10)
+    assert response.status_code == 400
+    assert "more than the 100 allowed here" in response.text  # in the envelope of the endpoint's dialect
+    assert ("prompt_too_long" in response.text) is path.endswith("/responses")

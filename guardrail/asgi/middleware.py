@@ -34,7 +34,7 @@ from typing import Any, cast
 import anyio
 import httpx
 
-from guardrail._asgi import openai_error, send_json
+from guardrail._asgi import openai_error, send_json, send_response
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
 from guardrail.asgi._sync import RequestClock, SendLock
 from guardrail.asgi.branch import FallbackRequest, FallbackUnavailable, display_url, fallback_request, open_fallback
@@ -742,10 +742,14 @@ class _GuardedResponse:
     ) -> None:
         # The SDKs retry some statuses on their own; a policy refusal would fail the same way again.
         headers = [] if retry else [(b"x-should-retry", b"false")]
+        name = self.middleware.rules.dialect_for(self.path) or dialect_for_path(self.path)
         try:
-            await send_json(
-                self.downstream, status, openai_error(message, type=error_type, code=code, param=param), headers
-            )
+            if name is None or name == "openai_chat":
+                error = openai_error(message, type=error_type, code=code, param=param)
+                await send_json(self.downstream, status, error, headers)
+            else:  # in the envelope the endpoint's clients read
+                body = get_dialect(name).error_body(status, code, message, param)
+                await send_response(self.downstream, status, body, b"application/json", headers)
         except OSError:
             self._client_went_away()
 
