@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import regex
@@ -170,20 +170,24 @@ def chat_stream(rng: random.Random) -> bytes:
     return b"".join(events)
 
 
-def chat_client(wire: bytes) -> list[str]:
-    """Every string a chat client can show: each JSON string, and each field's text joined across events."""
-    seen: list[str] = []
-    joined: dict[str, str] = {}
+def _sse_objects(wire: bytes, seen: list[str]) -> Iterator[Any]:
+    """The JSON value of each event a client reads; its SSE strings, and data that is not JSON, go to ``seen``."""
     decoder = SSEDecoder()
     for event in [*decoder.feed(wire), *decoder.close()]:
         seen.extend(value for value in (event.event, event.id, *event.comments) if value)
         if event.data is None:
             continue
         try:
-            obj = json.loads(event.data)
+            yield json.loads(event.data)
         except ValueError:
             seen.append(event.data)
-            continue
+
+
+def chat_client(wire: bytes) -> list[str]:
+    """Every string a chat client can show: each JSON string, and each field's text joined across events."""
+    seen: list[str] = []
+    joined: dict[str, str] = {}
+    for obj in _sse_objects(wire, seen):
         if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
             seen.extend(_strings(obj))
             continue
@@ -352,16 +356,7 @@ def responses_client(wire: bytes) -> list[str]:
     """Every string a Responses client can show: each JSON string outside deltas, each channel's deltas joined."""
     seen: list[str] = []
     joined: dict[str, str] = {}
-    decoder = SSEDecoder()
-    for event in [*decoder.feed(wire), *decoder.close()]:
-        seen.extend(value for value in (event.event, event.id, *event.comments) if value)
-        if event.data is None:
-            continue
-        try:
-            obj = json.loads(event.data)
-        except ValueError:
-            seen.append(event.data)
-            continue
+    for obj in _sse_objects(wire, seen):
         if isinstance(obj, dict) and isinstance(obj.get("type"), str) and obj["type"].endswith(".delta"):
             key = f"{obj['type']}:{obj.get('output_index')}:{obj.get('content_index')}:{obj.get('summary_index')}"
             joined[key] = joined.get(key, "") + str(obj.get("delta", ""))
@@ -424,16 +419,7 @@ def messages_client(wire: bytes) -> list[str]:
     """Every string an Anthropic client can show: each JSON string outside deltas, each block's deltas joined."""
     seen: list[str] = []
     joined: dict[str, str] = {}
-    decoder = SSEDecoder()
-    for event in [*decoder.feed(wire), *decoder.close()]:
-        seen.extend(value for value in (event.event, event.id, *event.comments) if value)
-        if event.data is None:
-            continue
-        try:
-            obj = json.loads(event.data)
-        except ValueError:
-            seen.append(event.data)
-            continue
+    for obj in _sse_objects(wire, seen):
         delta = obj.get("delta") if isinstance(obj, dict) and obj.get("type") == "content_block_delta" else None
         if isinstance(delta, dict):
             for field in ("text", "thinking", "partial_json"):

@@ -23,6 +23,7 @@ def imports(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
             found.append(node.module)
+            found.extend(f"{node.module}.{alias.name}" for alias in node.names)  # from package import module
         elif isinstance(node, ast.Import):
             found.extend(alias.name for alias in node.names)
     return found

@@ -26,6 +26,7 @@ import contextvars
 import logging
 import os
 import sys
+import time
 import uuid
 import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -418,7 +419,7 @@ class _GuardedResponse:
             by_path = dialect_for_path(self.path) or "openai_chat"
             dialect_name = "text" if framing is Framing.TEXT else by_path
         dialect = get_dialect(dialect_name)
-        info = RequestInfo(self.path, self.request.payload)
+        info = RequestInfo(self.path, self.request.payload, int(time.time()))
         stream = dialect.start(framing, info, prompt_tokens=self.prompt_tokens)
         self.guard = StreamGuard(
             self.rules,

@@ -191,6 +191,7 @@ class RequestInfo(NamedTuple):
 
     path: str = ""
     payload: Mapping[str, Any] | None = None
+    created: int = 0  # when the answer started, in Unix seconds (the shell reads the clock)
 
 
 class Dialect(Protocol):

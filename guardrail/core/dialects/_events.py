@@ -1,11 +1,43 @@
-"""What the dialects of named JSON events (Responses, Anthropic) share when they splice events."""
+"""What dialects share about events: the strings an SSE block shows besides its data, reading a
+named JSON event (Responses, Anthropic), and writing a spliced one again."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from guardrail.core import jsontext
+from guardrail.core.dialect import EventKind, Parsed
 from guardrail.core.sse import SSEEvent, encode_event
+
+
+def sse_others(event: SSEEvent | None) -> tuple[str, ...]:
+    """The strings an SSE block shows a client besides its data: ``event``, ``id``, comments."""
+    if event is None or (event.event is None and event.id is None and not event.comments):
+        return ()
+    return tuple(value for value in (event.event, event.id, *event.comments) if value)
+
+
+def content_texts(content: object) -> list[str]:
+    """The text of a message's ``content``: a string, or the ``text`` of its parts."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    return []
+
+
+def read_named(frame: bytes, event: SSEEvent, what: str) -> Parsed | tuple[dict[str, Any], tuple[str, ...]]:
+    """A named JSON event's object and its SSE strings; or, for what carries no such object, its Parsed."""
+    others = sse_others(event)
+    if event.data is None:
+        return Parsed(EventKind.PASS, frame, others=others)
+    try:
+        obj = jsontext.loads(event.data)
+    except jsontext.Malformed as exc:
+        return Parsed(EventKind.MALFORMED, frame, detail=f"an event whose data is {exc}")
+    if type(obj) is not dict or type(obj.get("type")) is not str:
+        return Parsed(EventKind.UNKNOWN, frame, others=(*others, *jsontext.strings(obj)), detail=f"not {what}")
+    return obj, others
 
 
 def event_object(event: SSEEvent) -> dict[str, Any] | None:

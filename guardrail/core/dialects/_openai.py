@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from guardrail.core import jsontext
-from guardrail.core.sse import SSEEvent
+from guardrail.core.dialects._events import content_texts as texts, sse_others
+
+__all__ = ["error", "error_body", "include_usage", "sse_others", "status_error_body", "texts"]
 
 # Per-message overhead of the chat format, as in OpenAI's cookbook ("How to count tokens with
 # tiktoken"): every message is wrapped in 3 tokens, a name adds 1, every reply is primed with 3.
@@ -33,22 +35,6 @@ def status_error_body(status: int, code: str, message: str, param: str | None = 
 def include_usage(payload: Mapping[str, Any]) -> bool:
     options = payload.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def sse_others(event: SSEEvent | None) -> tuple[str, ...]:
-    """The strings an SSE block shows a client besides its data: ``event``, ``id``, comments."""
-    if event is None or (event.event is None and event.id is None and not event.comments):
-        return ()
-    return tuple(value for value in (event.event, event.id, *event.comments) if value)
-
-
-def texts(content: object) -> list[str]:
-    """The text of a message's ``content``: a string, or the ``text`` of its text parts."""
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, list):
-        return [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
-    return []
 
 
 def chat_prompt_tokens(payload: Mapping[str, Any], count: Callable[[str], int]) -> int:

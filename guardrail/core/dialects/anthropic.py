@@ -15,7 +15,6 @@ error is Anthropic's ``error`` event (the SDK raises ``APIStatusError``).
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,8 +34,7 @@ from guardrail.core.dialect import (
     Stop,
     StopReason,
 )
-from guardrail.core.dialects import _openai
-from guardrail.core.dialects._events import event_object, reencoded
+from guardrail.core.dialects._events import content_texts, event_object, read_named, reencoded
 from guardrail.core.sse import SSEEvent, encode_event
 
 NAME = "anthropic_messages"
@@ -73,10 +71,10 @@ class AnthropicMessages:
 
     def prompt_tokens(self, payload: Mapping[str, Any], count: Callable[[str], int]) -> int:
         """``system`` and the text blocks of ``messages``."""
-        total = sum(count(text) for text in _openai.texts(payload.get("system")))
+        total = sum(count(text) for text in content_texts(payload.get("system")))
         for message in payload.get("messages") or ():
             if isinstance(message, dict):
-                total += TOKENS_PER_MESSAGE + sum(count(text) for text in _openai.texts(message.get("content")))
+                total += TOKENS_PER_MESSAGE + sum(count(text) for text in content_texts(message.get("content")))
         return total
 
 
@@ -105,7 +103,6 @@ class MessagesStream:
         self._blocks: dict[int, str] = {}  # every block started: its type
         self._started = False
         self._body: dict[str, Any] | None = None
-        self._created = int(time.time())
         self._offset = 0  # a continuation's block indexes follow the first stream's
         self._continuing = False
         self._closing_first = b""  # a continuation first closes the blocks the first stream left open
@@ -134,15 +131,10 @@ class MessagesStream:
             frame, event = self._adopt(event)
             if not frame:
                 return Parsed(EventKind.PASS, b"")
-        sse_others = _openai.sse_others(event)
-        if event.data is None:
-            return Parsed(EventKind.PASS, frame, others=sse_others)
-        try:
-            obj = jsontext.loads(event.data)
-        except jsontext.Malformed as exc:
-            return Parsed(EventKind.MALFORMED, frame, detail=f"an event whose data is {exc}")
-        if type(obj) is not dict or type(obj.get("type")) is not str:
-            return Parsed(EventKind.UNKNOWN, frame, others=(*sse_others, *jsontext.strings(obj)), detail="not an event")
+        read = read_named(frame, event, "a Messages event")
+        if isinstance(read, Parsed):
+            return read
+        obj, sse_others = read
         kind = obj["type"]
         index = obj.get("index")
         if kind == "content_block_delta" and type(index) is int and type(obj.get("delta")) is dict:

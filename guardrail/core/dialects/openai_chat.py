@@ -18,7 +18,6 @@ of held or redacted text goes out that way. Events written by the guard reuse th
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -70,7 +69,7 @@ class OpenAIChat:
         if "identity" not in options:
             identity: dict[str, Any] = {
                 "id": f"chatcmpl-guardrail-{uuid.uuid4().hex[:24]}",
-                "created": int(time.time()),
+                "created": request.created if request is not None else 0,
             }
             if isinstance(payload.get("model"), str):
                 identity["model"] = payload["model"]

@@ -24,7 +24,6 @@ dual-shape ``error`` event, then ``response.failed``.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,7 +44,7 @@ from guardrail.core.dialect import (
     StopReason,
 )
 from guardrail.core.dialects import _openai
-from guardrail.core.dialects._events import event_object, reencoded
+from guardrail.core.dialects._events import event_object, read_named, reencoded
 from guardrail.core.sse import SSEEvent, encode_event
 
 NAME = "openai_responses"
@@ -98,7 +97,9 @@ class OpenAIResponses:
     name = NAME
 
     def start(self, framing: Framing, request: RequestInfo | None = None, **options: Any) -> ResponsesStream:
-        return ResponsesStream(framing, request.payload if request is not None else None)
+        if request is None:
+            return ResponsesStream(framing)
+        return ResponsesStream(framing, request.payload, created=request.created)
 
     def error_body(self, status: int, code: str, message: str, param: str | None = None) -> bytes:
         return _openai.status_error_body(status, code, message, param)
@@ -134,13 +135,15 @@ class ResponsesStream:
 
     dialect_name = NAME
 
-    def __init__(self, framing: Framing = Framing.SSE, request: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, framing: Framing = Framing.SSE, request: Mapping[str, Any] | None = None, *, created: int = 0
+    ) -> None:
         self.framing = framing
         self._echo = frozenset(jsontext.strings(request)) if request else frozenset()
         self._response: dict[str, Any] = {
             "id": f"resp_guardrail_{uuid.uuid4().hex[:24]}",
             "object": "response",
-            "created_at": int(time.time()),
+            "created_at": created,
             "status": "in_progress",
             "error": None,
             "incomplete_details": None,
@@ -222,16 +225,10 @@ class ResponsesStream:
             frame, event = self._adopt(event)
             if not frame:
                 return Parsed(EventKind.PASS, b"")
-        sse_others = _openai.sse_others(event)
-        if event.data is None:
-            return Parsed(EventKind.PASS, frame, others=sse_others)
-        try:
-            obj = jsontext.loads(event.data)
-        except jsontext.Malformed as exc:
-            return Parsed(EventKind.MALFORMED, frame, detail=f"an event whose data is {exc}")
-        if type(obj) is not dict or type(obj.get("type")) is not str:
-            others = (*sse_others, *jsontext.strings(obj))
-            return Parsed(EventKind.UNKNOWN, frame, others=others, detail="not a Responses event")
+        read = read_named(frame, event, "a Responses event")
+        if isinstance(read, Parsed):
+            return read
+        obj, sse_others = read
         kind = obj["type"]
         delta = _DELTAS.get(kind)
         if delta is not None:
