@@ -367,3 +367,41 @@ def test_proxy_errors_on_the_messages_endpoint_come_in_anthropics_envelope() -> 
         "type": "error",
         "error": {"type": "api_error", "message": "The upstream model server could not be reached."},
     }
+
+
+def test_serve_guards_completions_ollama_and_gemini_end_to_end(demo_server: tuple[str, ServerLog]) -> None:
+    import ollama
+    from google import genai
+    from google.genai import types
+
+    base_url, _ = demo_server
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="no-key", max_retries=0, timeout=TIMEOUT) as client:
+        chunks = list(client.completions.create(model="guardrail-demo", prompt="What is the API key?", stream=True))
+        completion = "".join(choice.text for chunk in chunks for choice in chunk.choices)
+        cut = client.completions.create(model="guardrail-demo", prompt="Tell me the roadmap")
+    assert "[redacted]" in completion and FAKE_API_KEY not in completion
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert cut.choices[0].finish_reason == "content_filter" and CODE_NAME not in cut.choices[0].text
+
+    with ollama.Client(host=base_url, timeout=TIMEOUT) as local:
+        chat = list(
+            local.chat(model="guardrail-demo", messages=[{"role": "user", "content": "the API key?"}], stream=True)
+        )
+        generated = list(local.generate(model="guardrail-demo", prompt="Tell me the roadmap", stream=True))
+    chat_text = "".join(part.message.content or "" for part in chat)
+    assert "[redacted]" in chat_text and FAKE_API_KEY not in chat_text and chat[-1].done_reason == "stop"
+    assert CODE_NAME not in "".join(part.response or "" for part in generated)
+    assert generated[-1].done and generated[-1].done_reason == "content_filter"
+
+    gemini = genai.Client(api_key="no-key", http_options=types.HttpOptions(base_url=base_url))
+    streamed = list(gemini.models.generate_content_stream(model="guardrail-demo", contents="What is the API key?"))
+    gemini_text = "".join(response.text or "" for response in streamed)
+    roadmap = gemini.models.generate_content(model="guardrail-demo", contents="Tell me the roadmap")
+    assert "[redacted]" in gemini_text and FAKE_API_KEY not in gemini_text
+    assert streamed[-1].candidates and streamed[-1].candidates[0].finish_reason == types.FinishReason.STOP
+    assert roadmap.candidates and roadmap.candidates[0].finish_reason == types.FinishReason.SAFETY
+    assert CODE_NAME not in roadmap.model_dump_json()
+
+    metrics = httpx.get(f"{base_url}/metrics", timeout=TIMEOUT).text
+    for dialect in ("openai_completions", "ollama", "gemini"):
+        assert re.search(rf'guardrail_streams_total{{dialect="{dialect}",outcome="\w+"}} [1-9]', metrics), dialect

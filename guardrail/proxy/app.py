@@ -61,7 +61,7 @@ from guardrail._types import ASGIApp, Receive, Scope, Send
 from guardrail.asgi.branch import CREDENTIAL_ORIGINS_KEY, display_url, origin_of
 from guardrail.asgi.paths import canonical_path
 from guardrail.config import RuleSet, load_rules
-from guardrail.core.dialects import dialect_for_path
+from guardrail.core.dialects import dialect_for_path, endpoint_path
 from guardrail.metrics import GuardMetrics, metrics_app
 from guardrail.proxy.demo import DemoModel
 from guardrail.proxy.reload import DEFAULT_POLL_SECONDS, ReloadingGuard
@@ -93,6 +93,10 @@ TEXT_FREE = (
     ("POST", "/api/embed"),
     ("POST", "/api/embeddings"),
     ("GET", "/v1beta/models"),
+    ("GET", "/v1beta/models/*"),
+    ("POST", "/v1*/models/*:counttokens"),
+    ("POST", "/v1*/models/*:embedcontent"),
+    ("POST", "/v1*/models/*:batchembedcontents"),
 )
 
 
@@ -190,8 +194,9 @@ class GuardingProxy:
         # From here on the app, the guard and the upstream see the resolved path, and only it.
         scope = {**scope, "path": path, "raw_path": quote(path, safe=_PATH_SAFE).encode("ascii"), "root_path": ""}
         if dialect_for_path(lowered) is not None and lowered.startswith(API_PREFIXES):
-            scope = {**scope, "path": lowered, "raw_path": quote(lowered, safe=_PATH_SAFE).encode("ascii")}
-            if not self.guard.rules.rules_for(lowered) and not self._passed(lowered):
+            endpoint = endpoint_path(path)  # one spelling for the rules, the guard and the upstream
+            scope = {**scope, "path": endpoint, "raw_path": quote(endpoint, safe=_PATH_SAFE).encode("ascii")}
+            if not self.guard.rules.rules_for(endpoint) and not self._passed(endpoint):
                 await self._refuse(send, method, path, "the rule files do not guard it (their `paths`)")
                 return
             await self.guard({**scope, CREDENTIAL_ORIGINS_KEY: self._credential_origins}, receive, send)

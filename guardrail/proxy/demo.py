@@ -22,15 +22,21 @@ trigger words                          what the answer does
 anything else                          explains the demo and lists the prompts above
 =====================================  ==========================================================
 
-Streams follow OpenAI's chunk format exactly: a role chunk, content deltas of about one token
-each (word pieces of one to six characters, see `split_tokens`), a chunk with
-``finish_reason``, a usage chunk with ``choices: []`` when ``stream_options.include_usage`` is
-set, then ``data: [DONE]``. Token counts in ``usage`` are those word pieces, not a real
-tokenizer's.
+The demo answers in every dialect the guard reads, streamed or whole, on that dialect's path:
+OpenAI chat (``/v1/chat/completions``), legacy completions (``/v1/completions``), Responses
+(``/v1/responses``), Anthropic Messages (``/v1/messages``), Ollama (``/api/chat``,
+``/api/generate``) and Gemini (``/v1beta/models/M:streamGenerateContent``, with or without
+``alt=sse``, and ``:generateContent``). Chat streams follow OpenAI's chunk format exactly: a
+role chunk, content deltas of about one token each (word pieces of one to six characters, see
+`split_tokens`), a chunk with ``finish_reason``, a usage chunk with ``choices: []`` when
+``stream_options.include_usage`` is set, then ``data: [DONE]``; the other dialects send the
+same pieces in their own events. Token counts in ``usage`` are those word pieces, not a real
+tokenizer's. While stalled, only the dialects that allow SSE comments get keep-alives.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -61,6 +67,17 @@ _PIECE = re.compile(r" ?\w+| ?[^\w\s]|\s+")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _KEEPALIVE_EVENT = b": keep-alive\n\n"
 _DONE_EVENT = b"data: [DONE]\n\n"
+_NDJSON_HEADERS = [(b"content-type", b"application/x-ndjson")]
+# The paths the demo answers, and the dialect it answers them in (Gemini's: _GEMINI_PATH).
+_ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+    "/v1/completions": "completions",
+    "/api/chat": "ollama_chat",
+    "/api/generate": "ollama_generate",
+}
+_GEMINI_PATH = re.compile(r"/v1(?:beta)?/models/([^/:]+):(streamGenerateContent|generateContent)")
 
 _SECRET_ANSWER = (
     "Sure. The demo vault holds one API key, and here it is in full: "
@@ -307,6 +324,7 @@ class _Reply:
         self.model = requested_model if isinstance(requested_model, str) and requested_model else model
         self.id = "chatcmpl-demo-" + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
         self.prompt_tokens = sum(len(split_tokens(_message_text(m))) for m in messages)
         self.pieces = split_tokens(answer_for(prompt))
         self.stall_at = len(split_tokens(_STALL_HEAD)) if self.scenario == "stall" else None
@@ -325,7 +343,7 @@ class _Reply:
 
     def chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("chat.completion.chunk", [choice], None)
+        return self.envelope("chat.completion.chunk", [choice], None)
 
     @property
     def item_id(self) -> str:
@@ -376,14 +394,53 @@ class _Reply:
         }
 
     def usage_chunk(self) -> dict[str, Any]:
-        return self._envelope("chat.completion.chunk", [], self.usage())
+        return self.envelope("chat.completion.chunk", [], self.usage())
+
+    def text_completion(self) -> dict[str, Any]:
+        """The whole answer as a legacy ``text_completion``."""
+        choice = {"index": 0, "text": "".join(self.pieces), "logprobs": None, "finish_reason": self.finish_reason}
+        return {**self.envelope("text_completion", [choice], None), "usage": self.usage()}
+
+    def ollama(self, generate: bool, text: str, done: bool) -> dict[str, Any]:
+        """One Ollama line (the final one when ``done``)."""
+        head: dict[str, Any] = {"model": self.model, "created_at": self.created_at}
+        head.update({"response": text} if generate else {"message": {"role": "assistant", "content": text}})
+        head["done"] = done
+        if done:
+            usage = self.usage()
+            head["done_reason"] = self.finish_reason
+            head.update(prompt_eval_count=usage["prompt_tokens"], eval_count=usage["completion_tokens"])
+        return head
+
+    def gemini_chunks(self) -> list[dict[str, Any]]:
+        """The answer as Gemini chunks, one per piece; the last carries ``finishReason`` and usage."""
+        usage = self.usage()
+        chunks = []
+        for number, piece in enumerate(self.pieces or [""]):
+            candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": piece}]}, "index": 0}
+            chunk: dict[str, Any] = {"candidates": [candidate]}
+            if number == max(len(self.pieces) - 1, 0):
+                candidate["finishReason"] = "STOP" if self.finish_reason == "stop" else "MAX_TOKENS"
+                chunk["usageMetadata"] = {
+                    "promptTokenCount": usage["prompt_tokens"],
+                    "candidatesTokenCount": usage["completion_tokens"],
+                    "totalTokenCount": usage["total_tokens"],
+                }
+            chunks.append({**chunk, "modelVersion": self.model, "responseId": self.id.removeprefix("chatcmpl-")})
+        return chunks
+
+    def gemini(self) -> dict[str, Any]:
+        """The whole answer as one Gemini response."""
+        last = self.gemini_chunks()[-1]
+        candidate = {**last["candidates"][0], "content": {"role": "model", "parts": [{"text": "".join(self.pieces)}]}}
+        return {**last, "candidates": [candidate]}
 
     def completion(self) -> dict[str, Any]:
         message = {"role": "assistant", "content": "".join(self.pieces), "refusal": None}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
-        return self._envelope("chat.completion", [choice], self.usage())
+        return self.envelope("chat.completion", [choice], self.usage())
 
-    def _envelope(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+    def envelope(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
         envelope: dict[str, Any] = {
             "id": self.id,
             "object": kind,
@@ -426,10 +483,13 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 
 def _as_chat_request(request: dict[str, Any], dialect: str) -> dict[str, Any]:
-    """A Responses or Messages request read as the chat request the demo answers."""
+    """A request in ``dialect`` read as the chat request the demo answers."""
     if dialect == "chat":
         return request
     messages: list[Any] = []
+    stream = request.get("stream", False)
+    options = request.get("options")
+    config = request.get("generationConfig")
     if dialect == "responses":
         given = request.get("input")
         if isinstance(given, str):
@@ -437,11 +497,30 @@ def _as_chat_request(request: dict[str, Any], dialect: str) -> dict[str, Any]:
         elif isinstance(given, list):
             messages = [item for item in given if isinstance(item, dict) and "role" in item]
         limit = request.get("max_output_tokens")
+    elif dialect in ("completions", "ollama_generate"):
+        prompt = request.get("prompt")
+        prompt = " ".join(p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else prompt
+        messages = [{"role": "user", "content": prompt if isinstance(prompt, str) else ""}]
+        limit = request.get("max_tokens")
+    elif dialect.startswith("gemini"):
+        contents = request.get("contents")
+        contents = [{"parts": [{"text": contents}]}] if isinstance(contents, str) else contents or []
+        for content in contents if isinstance(contents, list) else ():
+            if isinstance(content, dict) and content.get("role", "user") == "user":
+                parts = content.get("parts")
+                texts = (p.get("text") for p in parts if isinstance(p, dict)) if isinstance(parts, list) else ()
+                text = "".join(t for t in texts if isinstance(t, str))
+                messages.append({"role": "user", "content": text})
+        stream = dialect == "gemini_stream"
+        limit = config.get("maxOutputTokens") if isinstance(config, dict) else None
     else:
         given = request.get("messages")
         messages = given if isinstance(given, list) else []
         limit = request.get("max_tokens")
-    chat = {"model": request.get("model"), "stream": request.get("stream", False), "messages": messages}
+    if dialect.startswith("ollama"):
+        stream = request.get("stream", True)  # Ollama streams unless told not to
+        limit = options.get("num_predict") if isinstance(options, dict) else None
+    chat = {"model": request.get("model"), "stream": stream, "messages": messages}
     if limit is not None:
         chat["max_tokens"] = limit
     return chat
@@ -512,34 +591,58 @@ class DemoModel:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        if (method, path) == ("POST", "/v1/chat/completions"):
-            await self._chat(receive, send)
-        elif (method, path) == ("POST", "/v1/responses"):
-            await self._chat(receive, send, dialect="responses")
-        elif (method, path) == ("POST", "/v1/messages"):
-            await self._chat(receive, send, dialect="messages")
+        dialect = _ROUTES.get(path) if method == "POST" else None
+        gemini = _GEMINI_PATH.fullmatch(path) if method == "POST" else None
+        if gemini is not None:
+            streamed = gemini.group(2) == "streamGenerateContent"
+            sse = b"alt=sse" in scope.get("query_string", b"").split(b"&")
+            dialect = ("gemini_stream" if sse else "gemini_array") if streamed else "gemini_whole"
+            scope = {**scope, "model": gemini.group(1)}
+        if dialect is not None:
+            await self._chat(receive, send, dialect=dialect, model=scope.get("model"))
         elif (method, path) == ("GET", "/v1/models"):
             model = {"id": self._model_id, "object": "model", "created": 1735689600, "owned_by": "guardrail"}
             await send_json(send, 200, {"object": "list", "data": [model]})
         else:
             await _send_error(send, _BadRequest(404, f"Invalid URL ({method} {path})", None, None))
 
-    async def _chat(self, receive: Receive, send: Send, *, dialect: str = "chat") -> None:
+    async def _chat(self, receive: Receive, send: Send, *, dialect: str = "chat", model: str | None = None) -> None:
         try:
             body = await _read_body(receive)
             if body is None:
                 return
-            request = _parse_request(body)
-            reply = _Reply(_as_chat_request(request, dialect), self._model_id)
+            request = _as_chat_request(_parse_request(body), dialect.removesuffix("_array"))
+            if model:
+                request["model"] = model
+            reply = _Reply(request, self._model_id)
         except _BadRequest as error:
             await _send_error(send, error)
             return
         logger.debug("demo answer %s (stream=%s, %s)", reply.scenario, reply.stream, dialect)
-        if not reply.stream:
-            whole = {"chat": reply.completion, "responses": reply.response, "messages": reply.message}[dialect]
+        if not reply.stream and dialect != "gemini_stream":
+            if dialect.startswith("ollama"):
+                await send_json(send, 200, reply.ollama(dialect == "ollama_generate", "".join(reply.pieces), True))
+                return
+            whole = {
+                "chat": reply.completion,
+                "responses": reply.response,
+                "messages": reply.message,
+                "completions": reply.text_completion,
+                "gemini_whole": reply.gemini,
+                "gemini_array": reply.gemini_chunks,
+            }[dialect]
             await send_json(send, 200, whole())
             return
-        stream = {"chat": self._stream, "responses": self._stream_response, "messages": self._stream_message}[dialect]
+        streams: dict[str, Callable[[_Reply, Send], Awaitable[None]]] = {
+            "chat": self._stream,
+            "responses": self._stream_response,
+            "messages": self._stream_message,
+            "completions": self._stream_completion,
+            "ollama_chat": self._stream_ollama,
+            "ollama_generate": functools.partial(self._stream_ollama, generate=True),
+            "gemini_stream": self._stream_gemini,
+        }
+        stream = streams[dialect]
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(_cancel_on_disconnect, receive, task_group.cancel_scope)
             try:
@@ -548,17 +651,25 @@ class DemoModel:
                 logger.debug("client went away during a demo stream")
             task_group.cancel_scope.cancel()
 
+    async def _pieces(self, reply: _Reply, emit: Callable[[str], Awaitable[None]], keepalive: Any = None) -> None:
+        """Emit the answer's pieces at the demo's pace, stalling where the answer says."""
+        for index, piece in enumerate(reply.pieces):
+            if index == reply.stall_at:
+                await self._stall(keepalive)
+            await anyio.sleep(self._seconds_per_token)
+            await emit(piece)
+
     async def _stream(self, reply: _Reply, send: Send) -> None:
         async def emit(event: bytes) -> None:
             await send({"type": "http.response.body", "body": event, "more_body": True})
 
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         await emit(_sse_event(reply.chunk({"role": "assistant", "content": ""})))
-        for index, piece in enumerate(reply.pieces):
-            if index == reply.stall_at:
-                await self._stall(emit)
-            await anyio.sleep(self._seconds_per_token)
+
+        async def content(piece: str) -> None:
             await emit(_sse_event(reply.chunk({"content": piece})))
+
+        await self._pieces(reply, content, emit)
         await emit(_sse_event(reply.chunk({}, reply.finish_reason)))
         if reply.include_usage:
             await emit(_sse_event(reply.usage_chunk()))
@@ -580,9 +691,11 @@ class DemoModel:
         item = {"id": reply.item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
         await emit("response.output_item.added", output_index=0, item=item)
         await emit("response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []})
-        for piece in reply.pieces:
-            await anyio.sleep(self._seconds_per_token)
+
+        async def delta(piece: str) -> None:
             await emit("response.output_text.delta", **where, delta=piece, logprobs=[])
+
+        await self._pieces(reply, delta)
         whole = reply.response()
         done_item = whole["output"][0]
         text = done_item["content"][0]["text"]
@@ -606,17 +719,64 @@ class DemoModel:
             message={**whole, "content": [], "stop_reason": None, "usage": {**whole["usage"], "output_tokens": 1}},
         )
         await emit("content_block_start", index=0, content_block={"type": "text", "text": ""})
-        for piece in reply.pieces:
-            await anyio.sleep(self._seconds_per_token)
+
+        async def text(piece: str) -> None:
             await emit("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+
+        await self._pieces(reply, text)
         await emit("content_block_stop", index=0)
         delta = {"stop_reason": whole["stop_reason"], "stop_sequence": None}
         await emit("message_delta", delta=delta, usage={"output_tokens": whole["usage"]["output_tokens"]})
         await emit("message_stop")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _stall(self, emit: Callable[[bytes], Awaitable[None]]) -> None:
+    async def _stream_completion(self, reply: _Reply, send: Send) -> None:
+        """The answer as a legacy completions stream: chat's, with ``choices[].text``."""
+
+        async def emit(event: bytes) -> None:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+
+        async def text(piece: str, finish_reason: str | None = None) -> None:
+            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish_reason}
+            await emit(_sse_event(reply.envelope("text_completion", [choice], None)))
+
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await self._pieces(reply, text, emit)
+        await text("", reply.finish_reason)
+        if reply.include_usage:
+            await emit(_sse_event(reply.envelope("text_completion", [], reply.usage())))
+        await send({"type": "http.response.body", "body": _DONE_EVENT, "more_body": False})
+
+    async def _stream_ollama(self, reply: _Reply, send: Send, *, generate: bool = False) -> None:
+        """The answer as Ollama's NDJSON lines (wire-formats §5), for ``/api/chat`` or ``/api/generate``."""
+
+        async def line(piece: str) -> None:
+            body = _dumps(reply.ollama(generate, piece, False)) + b"\n"
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+        await send({"type": "http.response.start", "status": 200, "headers": _NDJSON_HEADERS})
+        await self._pieces(reply, line)
+        final = _dumps(reply.ollama(generate, "", True)) + b"\n"
+        await send({"type": "http.response.body", "body": final, "more_body": False})
+
+    async def _stream_gemini(self, reply: _Reply, send: Send) -> None:
+        """The answer as Gemini's ``alt=sse`` events: the last piece carries ``finishReason``."""
+        chunks = reply.gemini_chunks()
+        numbers = iter(range(len(chunks)))
+
+        async def event(piece: str) -> None:
+            body = _sse_event(chunks[next(numbers)])
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await self._pieces(reply, event)
+        rest = b"".join(_sse_event(chunks[number]) for number in numbers)  # (an empty answer's one chunk)
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    async def _stall(self, emit: Callable[[bytes], Awaitable[None]] | None) -> None:
+        """Say nothing for a while: keep-alive comments where the dialect allows them, else silence."""
         with anyio.move_on_after(self._stall_seconds):
             while True:
                 await anyio.sleep(self._keepalive_seconds)
-                await emit(_KEEPALIVE_EVENT)
+                if emit is not None:
+                    await emit(_KEEPALIVE_EVENT)

@@ -18,10 +18,12 @@ DIALECTS = {
     "anthropic_messages": "guardrail.core.dialects.anthropic",
     "openai_completions": "guardrail.core.dialects.openai_completions",
     "ollama": "guardrail.core.dialects.ollama",
+    "gemini": "guardrail.core.dialects.gemini",
+    "vercel_ui": "guardrail.core.dialects.vercel_ui",
     "text": "guardrail.core.dialects.plain_text",
 }
 
-# The end of a request path, and the dialect that answers there.
+# The end of a request path (as the API spells it: matched in any case), and the dialect that answers there.
 ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/chat/completions", "openai_chat"),
     ("/completions", "openai_completions"),
@@ -29,7 +31,10 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/messages", "anthropic_messages"),
     ("/api/chat", "ollama"),
     ("/api/generate", "ollama"),
+    (":streamGenerateContent", "gemini"),
+    (":generateContent", "gemini"),
 )
+_ENDINGS = tuple((suffix.lower(), suffix, name) for suffix, name in ENDPOINTS)
 
 
 def get_dialect(name: str) -> Dialect:
@@ -40,12 +45,21 @@ def get_dialect(name: str) -> Dialect:
 
 
 def dialect_for_path(path: str) -> str | None:
-    """The dialect of the endpoint ``path`` names (lowercased, resolved), or None."""
+    """The dialect of the endpoint ``path`` names (resolved; in any case), or None."""
     lowered = path.lower().rstrip("/")
-    for suffix, name in ENDPOINTS:
+    for suffix, _, name in _ENDINGS:
         if lowered.endswith(suffix):
             return name
     return None
+
+
+def endpoint_path(path: str) -> str:
+    """``path`` lowercased, its endpoint's ending spelled as the API spells it (``:generateContent``)."""
+    lowered = path.lower()
+    for suffix, spelled, _ in _ENDINGS:
+        if lowered.endswith(suffix):
+            return lowered[: -len(suffix)] + spelled
+    return lowered
 
 
 def default_stream(**options: Any) -> DialectStream:

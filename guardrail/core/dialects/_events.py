@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from guardrail.core import jsontext
-from guardrail.core.dialect import EventKind, Parsed
+from guardrail.core.dialect import EventKind, Kind, Parsed, Piece
 from guardrail.core.sse import SSEEvent, encode_event
 
 
@@ -54,3 +54,24 @@ def reencoded(obj: dict[str, Any], event: SSEEvent, prefix: bytes = b"") -> tupl
     data = jsontext.dumps(obj)
     frame = prefix + encode_event(data, event=event.event)
     return frame, SSEEvent(frame, data, event.event, event.id, event.retry, event.comments)
+
+
+def whole_strings(
+    pieces: list[Piece], others: list[str], channel: str, path: tuple[Any, ...], value: object, known: frozenset[str]
+) -> None:
+    """Each string inside ``value`` (a tool call that arrives whole) as a channel of its own.
+
+    Channels are named from ``channel`` by the keys and positions that lead to each string;
+    keys not in ``known`` go to ``others``.
+    """
+    stack: list[tuple[str, tuple[Any, ...], object]] = [(channel, path, value)]
+    while stack:
+        name, where, node = stack.pop()
+        if type(node) is str:
+            if node:
+                pieces.append(Piece(name, node, where, Kind.TOOL))
+        elif type(node) is dict:
+            others.extend(key for key in node if key not in known)
+            stack.extend((f"{name}.{key}", (*where, key), child) for key, child in node.items())
+        elif type(node) is list:
+            stack.extend((f"{name}[{i}]", (*where, i), child) for i, child in enumerate(node))

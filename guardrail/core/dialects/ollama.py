@@ -30,6 +30,7 @@ from guardrail.core.dialect import (
     Stop,
     StopReason,
 )
+from guardrail.core.dialects._events import whole_strings
 
 NAME = "ollama"
 _REASONS = {StopReason.POLICY: "content_filter", StopReason.LENGTH: "length"}
@@ -134,7 +135,7 @@ class OllamaStream:
                     # Each call arrives whole: its strings are channels of their own, ended in this line.
                     self._calls += 1
                     where = ("message", "tool_calls", position)
-                    _tool_strings(pieces, others, f"tool_call[{self._calls}]", where, call)
+                    whole_strings(pieces, others, f"tool_call[{self._calls}]", where, call, _KNOWN_KEYS)
             else:
                 others.extend(jsontext.strings(value))
 
@@ -212,18 +213,3 @@ class OllamaStream:
                 message["content"] = str(message.get("content", "")) + ending.text
                 body = {**body, "message": message}
         return _line(body)
-
-
-def _tool_strings(pieces: list[Piece], others: list[str], channel: str, path: tuple[Any, ...], value: object) -> None:
-    """Each string inside a tool call (arguments arrive whole, as an object) as a channel of its own."""
-    stack: list[tuple[str, tuple[Any, ...], object]] = [(channel, path, value)]
-    while stack:
-        name, where, node = stack.pop()
-        if type(node) is str:
-            if node:
-                pieces.append(Piece(name, node, where, Kind.TOOL))
-        elif type(node) is dict:
-            others.extend(key for key in node if key not in _KNOWN_KEYS)
-            stack.extend((f"{name}.{key}", (*where, key), child) for key, child in node.items())
-        elif type(node) is list:
-            stack.extend((f"{name}[{i}]", (*where, i), child) for i, child in enumerate(node))
