@@ -503,6 +503,209 @@ def ollama_client(wire: bytes) -> list[str]:
     return seen + list(joined.values())
 
 
+# -- OpenAI legacy completions ---------------------------------------------------------------------
+
+
+def completions_stream(rng: random.Random) -> bytes:
+    """One legacy completion stream: choices' text, finish reasons anywhere, logprobs, noise."""
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m"}
+    choices = list(range(rng.choice([1, 1, 2])))
+    plan = [(index, piece) for index in choices for piece in cut(rng, text(rng))]
+    rng.shuffle(plan) if rng.random() < 0.2 else None
+    finishes = {index: rng.choice(["stop", "", None, "absent"]) for index in choices}
+    with_logprobs = rng.random() < 0.3
+    events: list[bytes] = []
+    for number, (index, piece) in enumerate(plan):
+        choice: dict[str, Any] = {"index": index, "text": piece}
+        last = all(other != index for other, _ in plan[number + 1 :])
+        reason = finishes[index]
+        if reason != "absent":
+            choice["finish_reason"] = reason if (last and rng.random() < 0.5) or reason in ("", None) else None
+        if with_logprobs:
+            tokens = cut(rng, piece, 3)
+            choice["logprobs"] = {
+                "tokens": tokens,
+                "token_logprobs": [-0.1] * len(tokens),
+                "text_offset": [0] * len(tokens),
+            }
+        events.append(sse({**head, "choices": [choice]}, rng))
+    if rng.random() < 0.05:
+        events.append(sse({"error": {"message": text(rng), "type": "server_error"}}, rng))
+    events.append(b"data: [DONE]\n\n")
+    return b"".join(events)
+
+
+def completions_client(wire: bytes) -> list[str]:
+    """Every string a completions client can show: each choice's text, and its logprobs tokens, joined."""
+    seen: list[str] = []
+    joined: dict[str, str] = {}
+    for obj in _sse_objects(wire, seen):
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            seen.extend(_strings(obj))
+            continue
+        seen.extend(_strings({key: value for key, value in obj.items() if key != "choices"}))
+        for choice in obj["choices"]:
+            if not isinstance(choice, dict):
+                seen.extend(_strings(choice))
+                continue
+            rest = {key: value for key, value in choice.items() if key not in ("text", "logprobs")}
+            seen.extend(_strings(rest))
+            index = choice.get("index")
+            if isinstance(choice.get("text"), str):
+                joined[f"{index}"] = joined.get(f"{index}", "") + choice["text"]
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict):
+                tokens = "".join(t for t in logprobs.get("tokens") or () if isinstance(t, str))
+                joined[f"{index}.tokens"] = joined.get(f"{index}.tokens", "") + tokens
+    return seen + list(joined.values())
+
+
+def completions_guard(rules: list[BoundRule]) -> Any:
+    from guardrail.core.dialect import Framing
+    from guardrail.core.dialects.openai_completions import CompletionsStream
+    from guardrail.core.engine import StreamGuard
+
+    return StreamGuard(rules, CompletionsStream(Framing.SSE))
+
+
+# -- Gemini ------------------------------------------------------------------------------------------
+
+
+def gemini_stream(rng: random.Random) -> bytes:
+    """One Gemini alt=sse stream: text, thought and function-call parts, finishReason anywhere, logprobs."""
+    candidates = list(range(rng.choice([1, 1, 2])))
+    plan = [
+        (index, kind, piece) for index in candidates for kind in ("text", "thought") for piece in cut(rng, text(rng))
+    ]
+    plan = [step for step in plan if step[1] == "text" or rng.random() < 0.5]
+    rng.shuffle(plan) if rng.random() < 0.2 else None
+    with_logprobs = rng.random() < 0.3
+    events: list[bytes] = []
+    for number, (index, kind, piece) in enumerate(plan):
+        part: dict[str, Any] = {"text": piece, **({"thought": True} if kind == "thought" else {})}
+        if rng.random() < 0.05:
+            part = {"functionCall": {"name": "f", "args": {"q": text(rng)}}}
+        candidate: dict[str, Any] = {"content": {"role": "model", "parts": [part]}, "index": index}
+        if all(other != index for other, _, _ in plan[number + 1 :]) and rng.random() < 0.7:
+            candidate["finishReason"] = "STOP"  # text on the chunk that finishes
+        if with_logprobs and kind == "text":
+            candidate["logprobsResult"] = {
+                "chosenCandidates": [{"token": t, "logProbability": -0.1} for t in cut(rng, piece, 3)]
+            }
+        chunk: dict[str, Any] = {"candidates": [candidate], "modelVersion": "m", "responseId": "r"}
+        if rng.random() < 0.03:
+            chunk[rng.choice(["x_note", text(rng)])] = text(rng)
+        events.append(sse(chunk, rng))
+    if rng.random() < 0.05:
+        events.append(sse({"error": {"code": 500, "message": text(rng), "status": "INTERNAL"}}, rng))
+    return b"".join(events)
+
+
+def gemini_client(wire: bytes) -> list[str]:
+    """Every string google-genai can show: each candidate's text, thought and logprobs tokens joined."""
+    seen: list[str] = []
+    joined: dict[str, str] = {}
+    for obj in _sse_objects(wire, seen):
+        if not isinstance(obj, dict) or not isinstance(obj.get("candidates"), list):
+            seen.extend(_strings(obj))
+            continue
+        seen.extend(_strings({key: value for key, value in obj.items() if key != "candidates"}))
+        for candidate in obj["candidates"]:
+            index = candidate.get("index")
+            content = candidate.get("content") or {}
+            for part in content.get("parts") or ():
+                if isinstance(part.get("text"), str):
+                    key = f"{index}.{'thought' if part.get('thought') else 'text'}"
+                    joined[key] = joined.get(key, "") + part["text"]
+                seen.extend(_strings({k: v for k, v in part.items() if k != "text"}))
+            logprobs = candidate.get("logprobsResult") or {}
+            tokens = "".join(c.get("token", "") for c in logprobs.get("chosenCandidates") or ())
+            joined[f"{index}.tokens"] = joined.get(f"{index}.tokens", "") + tokens
+            seen.extend(_strings({k: v for k, v in candidate.items() if k not in ("content", "logprobsResult")}))
+    return seen + list(joined.values())
+
+
+def gemini_guard(rules: list[BoundRule]) -> Any:
+    from guardrail.core.dialect import Framing
+    from guardrail.core.dialects.gemini import GeminiStream
+    from guardrail.core.engine import StreamGuard
+
+    return StreamGuard(rules, GeminiStream(Framing.SSE))
+
+
+# -- Vercel AI SDK UI message stream -----------------------------------------------------------------
+
+
+def ui_stream(rng: random.Random) -> bytes:
+    """One UI message stream: text, reasoning and tool-input parts (streamed or whole), data parts, noise."""
+    parts: list[dict[str, Any]] = [{"type": "start", "messageId": "m1"}, {"type": "start-step"}]
+    for number in range(rng.randint(1, 3)):
+        shape = rng.choice(["text", "text", "reasoning", "tool", "tool_whole", "data"])
+        ident = f"p{number}"
+        if shape in ("text", "reasoning"):
+            parts.append({"type": f"{shape}-start", "id": ident})
+            parts.extend({"type": f"{shape}-delta", "id": ident, "delta": piece} for piece in cut(rng, text(rng)))
+            if rng.random() < 0.8:
+                parts.append({"type": f"{shape}-end", "id": ident})
+        elif shape == "tool":
+            value = {"q": text(rng)}
+            parts.append({"type": "tool-input-start", "toolCallId": ident, "toolName": "f"})
+            deltas = cut(rng, json.dumps(value, ensure_ascii=rng.random() < 0.5))
+            parts.extend({"type": "tool-input-delta", "toolCallId": ident, "inputTextDelta": d} for d in deltas)
+            parts.append({"type": "tool-input-available", "toolCallId": ident, "toolName": "f", "input": value})
+        elif shape == "tool_whole":
+            parts.append(
+                {"type": "tool-input-available", "toolCallId": ident, "toolName": "f", "input": {"q": text(rng)}}
+            )
+        else:
+            parts.append({"type": rng.choice(["data-note", "source-url", "x-unknown"]), "data": text(rng), "url": "u"})
+    if rng.random() < 0.05:
+        parts.append({"type": "error", "errorText": text(rng)})
+    parts += [{"type": "finish-step"}, {"type": "finish"}]
+    return b"".join(sse(part, rng) for part in parts) + b"data: [DONE]\n\n"
+
+
+def ui_client(wire: bytes) -> list[str]:
+    """Every string useChat can show: each part's deltas joined, every other string of every part."""
+    seen: list[str] = []
+    joined: dict[str, str] = {}
+    fields = {"text-delta": "delta", "reasoning-delta": "delta", "tool-input-delta": "inputTextDelta"}
+    for obj in _sse_objects(wire, seen):
+        field = fields.get(obj.get("type", "")) if isinstance(obj, dict) else None
+        if field is not None and isinstance(obj.get(field), str):
+            key = f"{obj['type']}:{obj.get('id', obj.get('toolCallId'))}"
+            joined[key] = joined.get(key, "") + obj[field]
+            obj = {k: v for k, v in obj.items() if k != field}
+        seen.extend(_strings(obj))
+    return seen + [_unescaped(value) for value in joined.values()]
+
+
+def ui_guard(rules: list[BoundRule]) -> Any:
+    from guardrail.core.dialect import Framing
+    from guardrail.core.dialects.vercel_ui import UIMessageStream
+    from guardrail.core.engine import StreamGuard
+
+    return StreamGuard(rules, UIMessageStream(Framing.SSE))
+
+
+# -- Plain text ---------------------------------------------------------------------------------------
+
+
+def text_stream(rng: random.Random) -> bytes:
+    return text(rng).encode()
+
+
+def text_client(wire: bytes) -> list[str]:
+    return [wire.decode("utf-8", "replace")]
+
+
+def text_guard(rules: list[BoundRule]) -> Any:
+    from guardrail.core.dialects.plain_text import TextStream
+    from guardrail.core.engine import StreamGuard
+
+    return StreamGuard(rules, TextStream())
+
+
 def ollama_guard(rules: list[BoundRule]) -> Any:
     from guardrail.core.dialect import Framing
     from guardrail.core.dialects.ollama import OllamaStream
@@ -539,4 +742,8 @@ DIALECTS: dict[str, tuple[Generator, Reader, Callable[[list[BoundRule]], Any]]] 
     "openai_responses": (responses_stream, responses_client, responses_guard),
     "anthropic_messages": (messages_stream, messages_client, messages_guard),
     "ollama": (ollama_stream, ollama_client, ollama_guard),
+    "openai_completions": (completions_stream, completions_client, completions_guard),
+    "gemini": (gemini_stream, gemini_client, gemini_guard),
+    "vercel_ui": (ui_stream, ui_client, ui_guard),
+    "text": (text_stream, text_client, text_guard),
 }

@@ -80,7 +80,7 @@ def test_the_grammar_does_put_banned_text_on_the_wire(action: Action) -> None:
     assert found > 25
 
 
-@pytest.mark.parametrize("dialect", ["openai_responses", "anthropic_messages", "ollama"])
+@pytest.mark.parametrize("dialect", sorted(set(leakgrammar.DIALECTS) - {"openai_chat"}))
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32), action=st.sampled_from([Action.REDACT, Action.ABORT]))
 def test_no_stream_of_another_dialect_leaks_a_banned_match(dialect: str, seed: int, action: Action) -> None:

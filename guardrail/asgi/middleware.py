@@ -45,7 +45,8 @@ from guardrail.asgi.record import RuleHit, StreamRecord, log_record
 from guardrail.asgi.request import ChatRequest, read_request
 from guardrail.config import RuleSet, load_rules
 from guardrail.core.dialect import Framing, RequestInfo
-from guardrail.core.dialects import dialect_for_path, get_dialect
+from guardrail.core.dialects import dialect_for_path, get_dialect, start_stream
+from guardrail.core.dialects.vercel_ui import HEADER as UI_STREAM_HEADER
 from guardrail.core.engine import StreamGuard
 from guardrail.core.outputs import (
     Anomaly,
@@ -246,6 +247,7 @@ class _GuardedResponse:
         self.app_error: Exception | None = None
         self.app_started = False
         self.content_type = b""
+        self.announced: str | None = None  # the dialect the answer's headers name (the UI message stream's)
         self.decoder: ContentDecoder | None = None
         self.sniffed: bytearray | None = None  # the first bytes, while the framing is not known
         self.framing = Framing.SSE
@@ -368,6 +370,8 @@ class _GuardedResponse:
                 content_type = value.split(b";", 1)[0].strip().lower()
             elif lowered == b"content-encoding":
                 encoding = value.strip().lower()
+            elif lowered == UI_STREAM_HEADER:
+                self.announced = "vercel_ui"
         reading, framing = read_content_type(content_type)
         if not 200 <= status < 300 and content_type != b"text/event-stream":
             # An error answer: its JSON is read whole (strings checked); anything else passes.
@@ -414,13 +418,12 @@ class _GuardedResponse:
         if self.guard is not None and self.framing is framing:
             return
         self.framing = framing
-        dialect_name = self.middleware.rules.dialect_for(self.path)
-        if dialect_name is None:
-            by_path = dialect_for_path(self.path) or "openai_chat"
-            dialect_name = "text" if framing is Framing.TEXT else by_path
-        dialect = get_dialect(dialect_name)
+        named = self.middleware.rules.dialect_for(self.path) or self.announced or dialect_for_path(self.path)
+        if named is None and framing is Framing.TEXT:
+            named = "text"
         info = RequestInfo(self.path, self.request.payload, int(time.time()))
-        stream = dialect.start(framing, info, prompt_tokens=self.prompt_tokens)
+        stream = start_stream(named, framing, info, prompt_tokens=self.prompt_tokens)
+        dialect_name = stream.dialect_name
         self.guard = StreamGuard(
             self.rules,
             stream,
@@ -463,7 +466,7 @@ class _GuardedResponse:
             if framing is None:
                 return  # too few bytes to tell the framing yet
             data, self.sniffed = bytes(self.sniffed), None
-            named = self.middleware.rules.dialect_for(self.path) or dialect_for_path(self.path)
+            named = self.middleware.rules.dialect_for(self.path) or self.announced or dialect_for_path(self.path)
             if framing is Framing.NDJSON and named != "ollama":
                 await self._unreadable_body(data, more_body)  # no NDJSON dialect here yet
                 return
@@ -865,6 +868,7 @@ class _GuardedResponse:
         record.outcome = outcome
         record.duration = now - self.start
         record.deltas = guard.deltas
+        record.dialect = guard.dialect  # (a dialect told by the first event is known only now)
         record.prompt_tokens = self.prompt_tokens
         record.completion_tokens = guard.completion_tokens()
         if self.prompt_tokens is not None:

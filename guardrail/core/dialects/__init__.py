@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from guardrail.core.dialect import Dialect, DialectStream, Framing
+from guardrail.core.dialect import Dialect, DialectStream, Framing, RequestInfo
 
 # name: module (each defines DIALECT)
 DIALECTS = {
@@ -60,6 +60,17 @@ def endpoint_path(path: str) -> str:
         if lowered.endswith(suffix):
             return lowered[: -len(suffix)] + spelled
     return lowered
+
+
+def start_stream(
+    name: str | None, framing: Framing, request: RequestInfo | None = None, **options: Any
+) -> DialectStream:
+    """A stream object for one response in the dialect ``name``; None: the dialect its first event tells."""
+    if name is None:
+        from guardrail.core.dialects.detect import DetectingStream
+
+        return DetectingStream(framing, request, **options)
+    return get_dialect(name).start(framing, request, **options)
 
 
 def default_stream(**options: Any) -> DialectStream:

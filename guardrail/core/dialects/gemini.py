@@ -167,9 +167,14 @@ class GeminiStream:
                     if name == "content" and type(field) is dict:
                         self._read_content(index, where, field, pieces, others, calls)
                     elif name in _DERIVED:
+                        others.extend(jsontext.strings(field, skip_keys=_KNOWN_KEYS))
                         derived = derived or index in self._changed
                     else:
                         others.extend(jsontext.strings(field, skip_keys=_KNOWN_KEYS))
+                if "logprobsResult" in candidate and not _tokens_match(candidate):
+                    # Tokens that are not this chunk's text: never passed on (the rules read the text).
+                    value[position] = {k: v for k, v in candidate.items() if k not in _DERIVED}
+                    derived = True
                 reason = candidate.get("finishReason")
                 if type(reason) is str and reason and reason != "FINISH_REASON_UNSPECIFIED":
                     self._finished.add(index)
@@ -345,6 +350,18 @@ class GeminiStream:
 
     def _event(self, obj: dict[str, Any]) -> bytes:
         return encode_event(jsontext.dumps(obj))
+
+
+def _tokens_match(candidate: dict[str, Any]) -> bool:
+    """Whether a candidate's logprobs tokens spell exactly the text of its answer parts."""
+    chosen = (candidate.get("logprobsResult") or {}).get("chosenCandidates")
+    content = candidate.get("content")
+    parts = content.get("parts") if type(content) is dict else None
+    if type(chosen) is not list or type(parts) is not list:
+        return False
+    tokens = [entry.get("token") if type(entry) is dict else None for entry in chosen]
+    texts = [p.get("text") for p in parts if type(p) is dict and "text" in p and p.get("thought") is not True]
+    return all(type(t) is str for t in (*tokens, *texts)) and "".join(tokens) == "".join(texts)  # type: ignore[arg-type]
 
 
 def _candidate(channel: str) -> int:
