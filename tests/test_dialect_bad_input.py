@@ -1,0 +1,85 @@
+"""Bad input in the part-2 dialects: the documented error, or a pass-through of what carries no text.
+
+Never a crash, never text the rules have not seen.
+"""
+
+from __future__ import annotations
+
+import json
+
+from guardrail.core.dialect import Framing
+from guardrail.core.dialects.gemini import GeminiStream
+from guardrail.core.dialects.ollama import OllamaStream
+from guardrail.core.dialects.vercel_ui import UIMessageStream
+from guardrail.core.engine import StreamGuard
+from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Outcome, Output, Send
+from guardrail.core.rule import Action, BoundRule
+from guardrail.rules.banned import BannedPatterns
+
+KEY = "sk-" + "Zq9Xw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe"
+RULE = BoundRule("secrets", BannedPatterns(patterns=[r"sk-[A-Za-z0-9]{20,}"]), Action.REDACT)
+
+
+def run(guard: StreamGuard, *chunks: bytes) -> tuple[bytes, list[Output]]:
+    outputs = [output for chunk in chunks for output in guard.feed(chunk)] + guard.close()
+    return b"".join(o.data for o in outputs if isinstance(o, Send)), outputs
+
+
+def ended(outputs: list[Output]) -> Outcome | None:
+    return next((o.outcome for o in outputs if isinstance(o, Ended)), None)
+
+
+def test_an_ndjson_line_without_its_newline_at_the_end_is_still_read_and_checked() -> None:
+    line = {"model": "m", "created_at": "", "message": {"role": "assistant", "content": f"key {KEY}"}, "done": True}
+    wire, outputs = run(StreamGuard([RULE], OllamaStream(Framing.NDJSON)), json.dumps(line).encode())
+    assert KEY.encode() not in wire and b"[redacted]" in wire and ended(outputs) is Outcome.COMPLETED
+
+
+def test_a_10_mb_ndjson_line_ends_the_stream_with_an_ollama_error() -> None:
+    huge = json.dumps({"model": "m", "message": {"content": "a" * (10 << 20)}, "done": False}).encode()
+    wire, outputs = run(StreamGuard([RULE], OllamaStream(Framing.NDJSON)), huge[: 1 << 20], huge[1 << 20 :], b"\n")
+    assert json.loads(wire.splitlines()[-1]).keys() == {"error"}
+    assert any(isinstance(o, Anomaly) and o.kind is AnomalyKind.OVERSIZED_EVENT for o in outputs)
+
+
+def test_an_array_where_an_ollama_object_belongs_passes_only_if_its_strings_are_clean() -> None:
+    clean, _ = run(StreamGuard([RULE], OllamaStream(Framing.NDJSON)), b'["hello", 1]\n')
+    assert clean == b'["hello", 1]\n'
+    wire, outputs = run(StreamGuard([RULE], OllamaStream(Framing.NDJSON)), json.dumps(["x", KEY]).encode() + b"\n")
+    assert KEY.encode() not in wire and ended(outputs) is Outcome.ABORTED
+
+
+def test_a_ui_part_of_an_unknown_type_passes_if_clean_and_ends_the_stream_if_not() -> None:
+    part = b'data: {"type":"x-future","note":"hello"}\n\n'
+    wire, outputs = run(StreamGuard([RULE], UIMessageStream()), part, b"data: [DONE]\n\n")
+    assert wire == part + b"data: [DONE]\n\n"
+    assert any(isinstance(o, Anomaly) and o.kind is AnomalyKind.UNKNOWN_EVENT for o in outputs)
+    banned = f'data: {{"type":"x-future","note":"{KEY}"}}\n\n'.encode()
+    wire, outputs = run(StreamGuard([RULE], UIMessageStream()), banned)
+    assert KEY.encode() not in wire and wire.endswith(b"data: [DONE]\n\n") and ended(outputs) is Outcome.ABORTED
+
+
+def test_a_malformed_ui_part_ends_the_stream_with_an_error_part() -> None:
+    wire, outputs = run(StreamGuard([RULE], UIMessageStream()), b"data: {not json\n\n")
+    assert b'"type":"error"' in wire and b"malformed_event" in wire and wire.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_gemini_chunk_with_no_candidates_passes_and_a_blocked_prompt_is_read() -> None:
+    blocked = b'data: {"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":3}}\n\n'
+    wire, outputs = run(StreamGuard([RULE], GeminiStream()), blocked)
+    assert wire == blocked and ended(outputs) is Outcome.COMPLETED
+    for odd in (b'data: {"candidates":null}\n\n', b'data: {"candidates":[null, 3, "x"]}\n\n'):
+        wire, _ = run(StreamGuard([RULE], GeminiStream()), odd)
+        assert wire == odd
+
+
+def test_gemini_text_in_unexpected_shapes_is_still_checked() -> None:
+    shapes = [
+        {"candidates": [{"content": {"parts": [{"text": f"key {KEY}"}]}}]},  # no index
+        {"candidates": [{"content": {"parts": [{"executableCode": {"code": KEY}}]}, "index": 0}]},
+        {"candidates": [{"content": {"parts": "text"}, "finishMessage": KEY}]},
+        {"candidates": [{"content": {"parts": [{"text": 5}, [KEY]]}}]},
+    ]
+    for shape in shapes:
+        wire, _ = run(StreamGuard([RULE], GeminiStream()), f"data: {json.dumps(shape)}\n\n".encode())
+        assert KEY.encode() not in wire, shape
