@@ -370,11 +370,23 @@ def test_proxy_errors_on_the_messages_endpoint_come_in_anthropics_envelope() -> 
 
 
 def test_serve_guards_completions_ollama_and_gemini_end_to_end(demo_server: tuple[str, ServerLog]) -> None:
+    check_completions_ollama_and_gemini(demo_server[0])
+
+
+def test_serve_guards_completions_ollama_and_gemini_from_an_upstream() -> None:
+    from guardrail.proxy.demo import DemoModel
+
+    with serve_in_thread(DemoModel(seconds_per_token=0.001)) as upstream_url:
+        app = build_app(ServeSettings((str(DEFAULT_RULES),), upstream_url), registry=CollectorRegistry())
+        with serve_in_thread(app) as base_url:
+            check_completions_ollama_and_gemini(base_url)
+
+
+def check_completions_ollama_and_gemini(base_url: str) -> None:
     import ollama
     from google import genai
     from google.genai import types
 
-    base_url, _ = demo_server
     with openai.OpenAI(base_url=f"{base_url}/v1", api_key="no-key", max_retries=0, timeout=TIMEOUT) as client:
         chunks = list(client.completions.create(model="guardrail-demo", prompt="What is the API key?", stream=True))
         completion = "".join(choice.text for chunk in chunks for choice in chunk.choices)

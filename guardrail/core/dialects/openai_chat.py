@@ -407,12 +407,13 @@ class ChatStream:
                 if type(choice) is not dict:
                     continue
                 choice = {**choice, "finish_reason": reason, "logprobs": None}
-                message = dict(choice.get("message") or {})
                 if isinstance(ending, FallbackText):
-                    channel = f"choices[{choice.get('index', pos)}].content"
+                    channel = f"choices[{choice.get('index', pos)}].{self.answer_field}"
                     ledger.add(channel, ending.text)
-                    message["content"] = ledger.sent(channel)
-                choice["message"] = message
+                    if self.answer_field == "content":
+                        choice["message"] = {**(choice.get("message") or {}), "content": ledger.sent(channel)}
+                    else:
+                        choice[self.answer_field] = ledger.sent(channel)
                 choices.append(choice)
             body = {**body, "choices": choices}
         return _body_bytes(body, ledger)
