@@ -117,6 +117,7 @@ ANOMALY_KINDS: Final = (
     "unterminated_event",
     "rule_error",
     "unreadable_response",
+    "truncated_stream",
 )
 
 # Rule checks take tens of microseconds per delta; a pathological pattern is cut off by the

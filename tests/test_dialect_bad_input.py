@@ -43,8 +43,9 @@ def test_a_10_mb_ndjson_line_ends_the_stream_with_an_ollama_error() -> None:
 
 
 def test_an_array_where_an_ollama_object_belongs_passes_only_if_its_strings_are_clean() -> None:
-    clean, _ = run(StreamGuard([RULE], OllamaStream(Framing.NDJSON)), b'["hello", 1]\n')
-    assert clean == b'["hello", 1]\n'
+    done = b'{"model":"m","created_at":"","message":{"role":"assistant","content":""},"done":true}\n'
+    clean, _ = run(StreamGuard([RULE], OllamaStream(Framing.NDJSON)), b'["hello", 1]\n', done)
+    assert clean == b'["hello", 1]\n' + done
     wire, outputs = run(StreamGuard([RULE], OllamaStream(Framing.NDJSON)), json.dumps(["x", KEY]).encode() + b"\n")
     assert KEY.encode() not in wire and ended(outputs) is Outcome.ABORTED
 
@@ -68,9 +69,10 @@ def test_a_gemini_chunk_with_no_candidates_passes_and_a_blocked_prompt_is_read()
     blocked = b'data: {"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":3}}\n\n'
     wire, outputs = run(StreamGuard([RULE], GeminiStream()), blocked)
     assert wire == blocked and ended(outputs) is Outcome.COMPLETED
+    finish = b'data: {"candidates":[{"index":0,"finishReason":"STOP"}]}\n\n'
     for odd in (b'data: {"candidates":null}\n\n', b'data: {"candidates":[null, 3, "x"]}\n\n'):
-        wire, _ = run(StreamGuard([RULE], GeminiStream()), odd)
-        assert wire == odd
+        wire, outputs = run(StreamGuard([RULE], GeminiStream()), odd, finish)
+        assert wire == odd + finish and ended(outputs) is Outcome.COMPLETED
 
 
 def test_gemini_text_in_unexpected_shapes_is_still_checked() -> None:

@@ -384,9 +384,18 @@ def test_unknown_event_shapes_pass_through_and_are_reported_once() -> None:
 
 
 def test_an_unterminated_final_event_is_dropped_and_reported() -> None:
-    wire, others = run([BoundRule("banned", BANNED, Action.ABORT)], [chunk("hi"), b"data: {}"])
-    assert wire == chunk("hi")
+    finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    wire, others = run([BoundRule("banned", BANNED, Action.ABORT)], [chunk("hi"), finish, b"data: {}"])
+    assert wire == chunk("hi") + finish
     assert [o.kind for o in others if isinstance(o, Anomaly)] == [AnomalyKind.UNTERMINATED_EVENT]
+
+
+def test_a_stream_cut_short_ends_with_an_error_naming_the_truncation() -> None:
+    wire, others = run([BoundRule("banned", BANNED, Action.ABORT)], [chunk("hi")])
+    error = json.loads(wire.removeprefix(chunk("hi")).decode().removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_truncated" and error["type"] == "upstream_error"
+    assert [o.kind for o in others if isinstance(o, Anomaly)] == [AnomalyKind.TRUNCATED_STREAM]
+    assert [o.outcome for o in others if isinstance(o, Ended)] == [Outcome.UPSTREAM_ERROR]
 
 
 def test_korean_split_inside_characters_arrives_intact_and_phrases_are_redacted() -> None:

@@ -150,7 +150,9 @@ class DialectStream(Protocol):
     """One response in one dialect: reads its frames, writes what the guard adds or changes.
 
     A stream may also define ``outgoing(data: bytes) -> bytes``: the engine then passes every
-    byte for the client through it (the Responses dialect renumbers its events there).
+    byte for the client through it (the Responses dialect renumbers its events there); and
+    ``complete``, False until the stream has said it is over (a finish, an end event): a body
+    that ends while it is False was cut short, and the guard ends it with an error.
     """
 
     framing: Framing

@@ -532,9 +532,18 @@ class StreamGuard:
         if self._frames.discarded:
             detail = f"{self._frames.discarded} bytes after the last complete event were dropped"
             out.append(Anomaly(AnomalyKind.UNTERMINATED_EVENT, detail, ended_stream=False))
-        if self._release_held(now, wire, out):
+        if not self._release_held(now, wire, out):
+            return self._flush(wire, out)
+        if getattr(self.stream, "complete", True):
             self._end_stream(None, None, wire)
             out.append(Ended(Outcome.COMPLETED))
+        else:
+            # Cut short: without an error the client could take the text for the whole answer.
+            detail = "the stream ended before its dialect's end (no finish, no end event)"
+            out.append(Anomaly(AnomalyKind.TRUNCATED_STREAM, detail, ended_stream=True))
+            message = "The upstream stream was cut short: it ended without a finish or an end event."
+            self._end_stream(Fail("upstream_truncated", message, "upstream_error"), None, wire)
+            out.append(Ended(Outcome.UPSTREAM_ERROR))
         return self._flush(wire, out)
 
     def upstream_failed(self, detail: str, now: float = 0.0) -> list[Output]:

@@ -31,6 +31,7 @@ class AnomalyKind(enum.StrEnum):
     UNTERMINATED_EVENT = "unterminated_event"
     RULE_ERROR = "rule_error"
     UNREADABLE_RESPONSE = "unreadable_response"  # an answer the guard could not read: refused
+    TRUNCATED_STREAM = "truncated_stream"  # the body ended before the dialect's end: ended with an error
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,7 @@ class MessagesStream:
 
     def __init__(self, framing: Framing = Framing.SSE, request: Mapping[str, Any] | None = None) -> None:
         self.framing = framing
+        self.complete = framing is Framing.JSON  # over with a stop reason, or message_stop
         self._message: dict[str, Any] = {
             "id": f"msg_guardrail_{uuid.uuid4().hex[:24]}",
             "type": "message",
@@ -152,6 +153,8 @@ class MessagesStream:
             if type(obj.get("message")) is dict:
                 self._message = {**obj["message"], "content": []}
             return Parsed(EventKind.PASS, frame, others=(*sse_others, *_others(obj)), data=obj)
+        if kind == "message_delta" and type(obj.get("delta")) is dict and obj["delta"].get("stop_reason"):
+            self.complete = True
         if kind == "message_stop":
             return Parsed(EventKind.END, frame, others=(*sse_others, *_others(obj)), data=obj)
         if kind == "error":

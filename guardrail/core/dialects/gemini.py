@@ -102,6 +102,7 @@ class GeminiStream:
 
     def __init__(self, framing: Framing = Framing.SSE, *, model: str = "") -> None:
         self.framing = framing
+        self.complete = framing is Framing.JSON  # over once a candidate carries its finishReason
         self._head: dict[str, Any] = {"modelVersion": model} if model else {}
         self._seen: dict[int, None] = {}  # candidate indexes, in order
         self._finished: set[int] = set()
@@ -150,6 +151,8 @@ class GeminiStream:
         for key, value in obj.items():
             if key not in _KNOWN_KEYS:
                 others.append(key)
+            if key == "promptFeedback" and type(value) is dict and value.get("blockReason"):
+                self.complete = True  # a blocked prompt: the whole answer, with no candidates
             if key != "candidates" or type(value) is not list:
                 others.extend(jsontext.strings(value, skip_keys=_KNOWN_KEYS))
                 continue
@@ -178,6 +181,7 @@ class GeminiStream:
                 reason = candidate.get("finishReason")
                 if type(reason) is str and reason and reason != "FINISH_REASON_UNSPECIFIED":
                     self._finished.add(index)
+                    self.complete = True
                     waits.append(f"candidates[{index}].")
         return derived
 

@@ -78,6 +78,7 @@ class OllamaStream:
 
     def __init__(self, framing: Framing = Framing.NDJSON, *, generate: bool = False, model: object = None) -> None:
         self.framing = framing
+        self.complete = framing is Framing.JSON  # over with its done: true line
         self._generate = generate
         self._head: dict[str, Any] = {"model": model if isinstance(model, str) else "", "created_at": ""}
         self._body: dict[str, Any] | None = None
@@ -111,6 +112,7 @@ class OllamaStream:
                 others.extend(jsontext.strings(value))
         whole = self.framing is Framing.JSON
         if obj.get("done") is True:
+            self.complete = True
             ends = tuple(dict.fromkeys(piece.channel for piece in pieces))
             if whole:
                 return Parsed(EventKind.TEXT, frame, tuple(pieces), tuple(others), ends, data=obj, derived=True)

@@ -117,6 +117,8 @@ class ChatStream:
         self.template: dict[str, Any] = {"object": self.chunk_object, **(identity or {})}
         self._has_identity = continuation
         self._continuation = continuation
+        # Whether the stream has said it is over (a finish reason; [DONE] ends it at once).
+        self.complete = framing is Framing.JSON
         self.open_choices: dict[int, None] = {}  # insertion-ordered set
         self._owe_usage = include_usage
         self._prompt_tokens = prompt_tokens
@@ -248,6 +250,7 @@ class ChatStream:
                     others.extend(jsontext.strings(value))
             if choice.get("finish_reason"):
                 waits.append(f"choices[{index}].")
+                self.complete = True
                 self.open_choices.pop(index, None)
         ends: tuple[str, ...] = ()
         if self.framing is Framing.JSON:

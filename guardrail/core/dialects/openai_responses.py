@@ -139,6 +139,7 @@ class ResponsesStream:
         self, framing: Framing = Framing.SSE, request: Mapping[str, Any] | None = None, *, created: int = 0
     ) -> None:
         self.framing = framing
+        self.complete = framing is Framing.JSON  # a stream is over only with its terminal event
         self._echo = frozenset(jsontext.strings(request)) if request else frozenset()
         self._response: dict[str, Any] = {
             "id": f"resp_guardrail_{uuid.uuid4().hex[:24]}",

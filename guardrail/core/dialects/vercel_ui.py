@@ -97,6 +97,7 @@ class UIMessageStream:
 
     def __init__(self, framing: Framing = Framing.SSE) -> None:
         self.framing = framing
+        self.complete = False  # over with its finish part, or [DONE]
         self._open: dict[str, None] = {}  # open text and reasoning parts ("text:ID"), in order
         self._streamed: set[str] = set()  # tool calls whose input came in deltas
         self._step = False  # a step is open (start-step without its finish-step)
@@ -142,6 +143,7 @@ class UIMessageStream:
         elif kind == "start-step":
             self._step = True
         elif kind in ("finish-step", "finish"):
+            self.complete = self.complete or kind == "finish"
             self._step = self._step and kind != "finish-step"
             # Held text goes out before the step or the message is said to be over.
             return Parsed(EventKind.TEXT, frame, others=all_strings, waits=("",), data=obj)
