@@ -30,6 +30,7 @@ import httpx
 
 from guardrail._asgi import openai_error, send_json, send_response, serve_lifespan
 from guardrail._types import Message, Receive, Scope, Send
+from guardrail.asgi.branch import display_url
 from guardrail.core.dialects import dialect_for_path, get_dialect
 from guardrail.exceptions import UpstreamStreamError
 from guardrail.proxy.headers import client_response_headers, upstream_request_headers
@@ -43,6 +44,9 @@ DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 # httpx's default of 100 connections would queue the 101st concurrent stream behind the pool
 # timeout; a proxy holds one upstream connection per stream in flight.
 DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+
+# How long /readyz waits for the upstream to answer.
+PROBE_TIMEOUT = httpx.Timeout(3.0)
 
 # Bounds the shielded close of an upstream response, which must not hang a cancelled task.
 _CLOSE_TIMEOUT_SECONDS = 5.0
@@ -157,6 +161,22 @@ class UpstreamProxy:
         query = "&".join(part for part in (self._base.query.decode("ascii"), quote(query_string, _URL_SAFE)) if part)
         target = path + "?" + query if query else path
         return self._base.copy_with(raw_path=target.encode("ascii"))
+
+    async def probe(self) -> str | None:
+        """Whether the upstream can be reached: None if it answers HTTP at all (any status), else why not.
+
+        A ``GET`` of the base URL, without the client's headers (so without credentials), for
+        ``/readyz``; the answer's body is not read.
+        """
+        request = self._client.build_request("GET", self._base, timeout=PROBE_TIMEOUT)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            return f"{display_url(self._base)} timed out"
+        except httpx.HTTPError as exc:
+            return f"{display_url(self._base)} cannot be reached ({type(exc).__name__})"
+        await response.aclose()
+        return None
 
     async def aclose(self) -> None:
         """Close the httpx client if this app created it."""
