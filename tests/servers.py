@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -139,6 +139,12 @@ class ServerLog:
             found = self._changed.wait_for(lambda: self._search(pattern), timeout=SUBPROCESS_STARTUP_SECONDS)
         assert found, "not in the output:\n" + "".join(self.lines)
         return found
+
+    def wait_until(self, done: Callable[[list[str]], bool], what: str) -> None:
+        """Wait until ``done`` holds for the lines so far."""
+        with self._changed:
+            found = self._changed.wait_for(lambda: done(self.lines), timeout=SUBPROCESS_STARTUP_SECONDS)
+        assert found, f"not in the output ({what}):\n" + "".join(self.lines)
 
     def _search(self, pattern: re.Pattern[str]) -> re.Match[str] | None:
         return next((match for line in self.lines if (match := pattern.search(line))), None)
