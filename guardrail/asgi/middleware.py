@@ -773,7 +773,7 @@ class _GuardedResponse:
         guard = StreamGuard(
             self.rules, stream, start=now, continuation=True, encoding=self.encoding, prompt_tokens=self.prompt_tokens
         )
-        request = fallback_request(self.request, fallback, self.scope)
+        request = fallback_request(self.request, fallback, self.scope, self.guard.dialect)
         if request is None:
             logger.warning(
                 "rule %s: fallback %r has nothing to re-send (the request body was too large or not a JSON object); "
