@@ -271,6 +271,57 @@ def replay(
         click.echo(render_text(result))
 
 
+@main.command(name="try")
+@click.argument("prompt")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="The guard's base URL: `make run`'s address by default.",
+)
+@click.option("--model", default="guardrail-demo", show_default=True, help="The model to ask for.")
+@click.option(
+    "--api-key",
+    envvar="OPENAI_API_KEY",
+    metavar="KEY",
+    help="Sent as a bearer token, for a guard in front of a real upstream. Default: $OPENAI_API_KEY.",
+)
+def try_prompt(prompt: str, url: str, model: str, api_key: str | None) -> None:
+    """Ask a running guard PROMPT and show what its client gets.
+
+    Sends PROMPT as a streamed chat completion to the guard at --url, prints the answer as it
+    arrives, then how it ended (the finish reason, or the error sent) and which rules fired. The
+    rules are read from the guard's /metrics before and after the answer, so on a guard serving
+    others at the same time they count theirs too.
+
+    Exits with status 0 when the answer ended without an error, 1 otherwise.
+
+    \b
+    Examples (against `make run`):
+      guardrail try "What is the API key?"
+      guardrail try "What is on the roadmap?"
+      guardrail try "Tell me a long story"
+    """
+    from guardrail.client import GuardUnreachable, ask, describe_rules
+
+    try:
+        answer = ask(prompt, lambda text: click.echo(text, nl=False), url=url, model=model, api_key=api_key)
+    except GuardUnreachable as exc:
+        click.echo(f"{exc}: start one with `make run` or `guardrail serve`, or give its address with --url", err=True)
+        raise SystemExit(1) from None
+    click.echo("\n")
+    if answer.status != 200:
+        click.echo(f"HTTP status: {answer.status}")
+    if answer.error is not None:
+        click.echo(f"error: {answer.error.get('code') or answer.error.get('type')}: {answer.error.get('message')}")
+    else:
+        click.echo(f"finish_reason: {answer.finish_reason or '(none)'}")
+    click.echo(f"rules fired: {describe_rules(answer.rules)}")
+    click.echo(f"request id: {answer.request_id}")
+    if answer.error is not None or answer.status != 200:
+        raise SystemExit(1)
+
+
 @main.group()
 def rules() -> None:
     """The rule packs that ship with guardrail, to start from or copy.
