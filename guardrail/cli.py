@@ -9,18 +9,20 @@ Every subcommand is a click command registered on :func:`main`: decorate it with
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import click
+
+from guardrail.packs import DEFAULT_PACK, DISTRIBUTION
 
 if TYPE_CHECKING:
     from guardrail.exceptions import ConfigProblem
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="guardrail", prog_name="guardrail")
+@click.version_option(package_name=DISTRIBUTION, prog_name="guardrail")
 def main() -> None:
     """Guard streaming LLM answers in flight: banned patterns, token budgets, timeouts."""
 
@@ -75,11 +77,6 @@ def _rules(count: int) -> str:
     return f"{count} rule" if count == 1 else f"{count} rules"
 
 
-# The rule file `guardrail serve` uses when no --rules is given, if the current directory has it
-# (a checkout of this repository does).
-DEFAULT_RULES = "rules/default.yaml"
-
-
 @main.command()
 @click.option(
     "--rules",
@@ -87,7 +84,8 @@ DEFAULT_RULES = "rules/default.yaml"
     multiple=True,
     metavar="FILE",
     type=click.Path(dir_okay=False, path_type=str),
-    help=f"A rule file; repeat for several. Default: {DEFAULT_RULES}, if it exists here.",
+    help=f"A rule file; repeat for several. Default: the packaged {DEFAULT_PACK!r} pack "
+    f"(guardrail rules show {DEFAULT_PACK}).",
 )
 @click.option(
     "--upstream",
@@ -111,6 +109,14 @@ DEFAULT_RULES = "rules/default.yaml"
     help="Worker processes (see PROMETHEUS_MULTIPROC_DIR below).",
 )
 @click.option(
+    "--record",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Write every answer the model sends on a guarded path to its own file in DIR, as it arrives and "
+    "before any rule sees it, for `guardrail replay`. The files hold model text, including what the rules "
+    "cut or redact: keep DIR private. Request headers are never written.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -124,6 +130,7 @@ def serve(
     host: str,
     port: int,
     workers: int,
+    record: str | None,
     log_level: str,
 ) -> None:
     """Run the guarding proxy in front of an OpenAI-compatible model server.
@@ -132,12 +139,15 @@ def serve(
     the upstream with the client's end-to-end headers, credentials included; its answers,
     streamed or not, are guarded by the rules. Models lists and embeddings are forwarded
     unguarded; other API paths are refused unless --pass-through names them. Paths are
-    resolved first (dot segments, repeated slashes), and forwarded as resolved. GET /metrics serves Prometheus metrics,
-    GET /healthz answers {"status":"ok"}. A fallback with a url gets the client's credentials
+    resolved first (dot segments, repeated slashes), and forwarded as resolved. GET /metrics serves
+    Prometheus metrics; GET /healthz answers {"status":"ok"} while the process serves, GET /readyz
+    answers 503 while the upstream cannot be reached. A fallback with a url gets the client's credentials
     only if it is on the upstream's origin (scheme, host and port).
 
     Without --upstream, the built-in demo model answers: no API key needed. Ask it for an API
-    key, the roadmap, a customer record, a long story, or to stall, and watch the rules work.
+    key, the roadmap, a customer record, a long story, or to stall, and watch the rules work
+    (guardrail try "What is the API key?"). Without --rules, the packaged default rule pack
+    guards it (guardrail rules show default prints it).
 
     Rule files are reloaded when they change, or on SIGHUP; a broken edit is refused (its
     problems are logged) and the rules in force stay. Streams in flight keep their rules.
@@ -148,21 +158,21 @@ def serve(
 
     \b
     Examples:
-      guardrail serve --rules rules/default.yaml
+      guardrail serve
       guardrail serve --rules rules/default.yaml --upstream https://api.openai.com/v1
-      curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
-        -d '{"model":"demo","stream":true,"messages":[{"role":"user","content":"What is the API key?"}]}'
+      guardrail serve --record recordings/
+      guardrail try "What is the API key?"
     """
-    from guardrail.exceptions import ConfigError
+    from guardrail.exceptions import ConfigError, ListenError
+    from guardrail.packs import pack_path
     from guardrail.proxy.app import ServeSettings, run
 
+    settings = ServeSettings(rule_files, upstream, pass_through, record)
     if not rule_files:
-        if not os.path.isfile(DEFAULT_RULES):
-            raise click.UsageError(f"give a rule file with --rules FILE (there is no {DEFAULT_RULES} here)")
-        rule_files = (DEFAULT_RULES,)
+        settings = replace(settings, rules=(str(pack_path(DEFAULT_PACK)),), default_rules=True)
     try:
         run(
-            ServeSettings(rule_files, upstream, pass_through),
+            settings,
             host=host,
             port=port,
             workers=workers,
@@ -170,6 +180,9 @@ def serve(
         )
     except ConfigError as exc:
         _print_problems(exc.problems)
+        raise SystemExit(1) from None
+    except ListenError as exc:
+        click.echo(f"guardrail serve: {exc}", err=True)
         raise SystemExit(1) from None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -256,6 +269,94 @@ def replay(
         click.echo(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
     else:
         click.echo(render_text(result))
+
+
+@main.command(name="try")
+@click.argument("prompt")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="The guard's base URL: `make run`'s address by default.",
+)
+@click.option("--model", default="guardrail-demo", show_default=True, help="The model to ask for.")
+@click.option(
+    "--api-key",
+    envvar="OPENAI_API_KEY",
+    metavar="KEY",
+    help="Sent as a bearer token, for a guard in front of a real upstream. Default: $OPENAI_API_KEY.",
+)
+def try_prompt(prompt: str, url: str, model: str, api_key: str | None) -> None:
+    """Ask a running guard PROMPT and show what its client gets.
+
+    Sends PROMPT as a streamed chat completion to the guard at --url, prints the answer as it
+    arrives, then how it ended (the finish reason, or the error sent) and which rules fired. The
+    rules are read from the guard's /metrics before and after the answer, so on a guard serving
+    others at the same time they count theirs too.
+
+    Exits with status 0 when the answer ended without an error, 1 otherwise.
+
+    \b
+    Examples (against `make run`):
+      guardrail try "What is the API key?"
+      guardrail try "What is on the roadmap?"
+      guardrail try "Tell me a long story"
+    """
+    from guardrail.client import GuardUnreachable, ask, describe_rules
+
+    try:
+        answer = ask(prompt, lambda text: click.echo(text, nl=False), url=url, model=model, api_key=api_key)
+    except GuardUnreachable as exc:
+        click.echo(f"{exc}: start one with `make run` or `guardrail serve`, or give its address with --url", err=True)
+        raise SystemExit(1) from None
+    click.echo("\n")
+    if answer.status != 200:
+        click.echo(f"HTTP status: {answer.status}")
+    if answer.error is not None:
+        click.echo(f"error: {answer.error.get('code') or answer.error.get('type')}: {answer.error.get('message')}")
+    else:
+        click.echo(f"finish_reason: {answer.finish_reason or '(none)'}")
+    click.echo(f"rules fired: {describe_rules(answer.rules)}")
+    click.echo(f"request id: {answer.request_id}")
+    if answer.error is not None or answer.status != 200:
+        raise SystemExit(1)
+
+
+@main.group()
+def rules() -> None:
+    """The rule packs that ship with guardrail, to start from or copy.
+
+    \b
+    Examples:
+      guardrail rules list
+      guardrail rules show default > my-rules.yaml
+      guardrail serve --rules my-rules.yaml
+    """
+
+
+@rules.command(name="list")
+def list_packs() -> None:
+    """List the rule packs: name, what it is for, and where its file is."""
+    from guardrail.packs import packs, summary
+
+    found = packs()
+    width = max((len(name) for name in found), default=0)
+    for name, path in found.items():
+        click.echo(f"{name.ljust(width)}  {summary(path)}")
+        click.echo(f"{' ' * width}  {path}")
+
+
+@rules.command()
+@click.argument("name")
+def show(name: str) -> None:
+    """Print the rule pack NAME (a name from `guardrail rules list`), to copy and edit."""
+    from guardrail.packs import pack_path
+
+    try:
+        path = pack_path(name)
+    except KeyError as exc:
+        raise click.UsageError(str(exc.args[0])) from None
+    click.echo(path.read_text(encoding="utf-8"), nl=False)
 
 
 def _print_problems(problems: Sequence[ConfigProblem]) -> None:

@@ -7,7 +7,8 @@
     │   ├── SSEError               malformed or oversized server-sent events
     │   └── UpstreamStreamError    the upstream broke off after the response had started
     ├── RuleError                  a rule failed while checking text (a pattern timed out, a plugin raised)
-    └── EncodingError              a tiktoken encoding that cannot be loaded or fails its checksum
+    ├── EncodingError              a tiktoken encoding that cannot be loaded or fails its checksum
+    └── ListenError                ``guardrail serve`` cannot listen on its host and port (the port is taken)
 
 Errors carry what happened, where, and what was found. Anything else escaping from the public
 API is a bug.
@@ -76,3 +77,7 @@ class RuleError(GuardrailError):
 
 class EncodingError(GuardrailError):
     """A tiktoken encoding could not be loaded, or its BPE file failed verification."""
+
+
+class ListenError(GuardrailError):
+    """``guardrail serve`` cannot listen on its host and port; the message says why and what to do."""

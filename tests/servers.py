@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -22,6 +25,9 @@ STARTUP_TIMEOUT_SECONDS = 10.0
 GRACEFUL_SHUTDOWN_SECONDS = 5.0
 # A subprocess imports everything first; a loaded machine makes that slow.
 SUBPROCESS_STARTUP_SECONDS = 60.0
+# How long a `guardrail serve` subprocess may take to stop after Ctrl+C.
+SUBPROCESS_STOP_SECONDS = 20.0
+LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 
 
 @contextmanager
@@ -73,6 +79,46 @@ def guardrail_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-c", "from guardrail.cli import main; main()"]
 
 
+@contextmanager
+def serve_command(
+    command: Sequence[str], *, cwd: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, ServerLog]]:
+    """Run a ``guardrail serve ... --port 0`` command until the block exits, then stop it with Ctrl+C.
+
+    Args:
+        command: the command line; it must log "listening on http://127.0.0.1:PORT".
+        cwd: the directory to run it in.
+        env: the environment; by default this process's.
+
+    Yields:
+        The base URL it listens on, and its log (stderr) so far and to come.
+    """
+    process = subprocess.Popen(
+        list(command),
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    log = ServerLog(process.stderr)
+    try:
+        yield log.wait_for(LISTENING).group(1), log
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            returncode = process.wait(timeout=SUBPROCESS_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            log.join()
+            process.stderr.close()
+    assert returncode == 0, "".join(log.lines)
+
+
 class ServerLog:
     """The lines a subprocess writes to one of its pipes, collected by a thread."""
 
@@ -93,6 +139,12 @@ class ServerLog:
             found = self._changed.wait_for(lambda: self._search(pattern), timeout=SUBPROCESS_STARTUP_SECONDS)
         assert found, "not in the output:\n" + "".join(self.lines)
         return found
+
+    def wait_until(self, done: Callable[[list[str]], bool], what: str) -> None:
+        """Wait until ``done`` holds for the lines so far."""
+        with self._changed:
+            found = self._changed.wait_for(lambda: done(self.lines), timeout=SUBPROCESS_STARTUP_SECONDS)
+        assert found, f"not in the output ({what}):\n" + "".join(self.lines)
 
     def _search(self, pattern: re.Pattern[str]) -> re.Match[str] | None:
         return next((match for line in self.lines if (match := pattern.search(line))), None)

@@ -100,3 +100,36 @@ def test_help_describes_the_output(runner: CliRunner) -> None:
     assert "FILE:LINE: KEY.PATH: MESSAGE" in result.stdout
     assert "guardrail check rules/default.yaml" in result.stdout
     assert "check" in runner.invoke(main, ["--help"]).stdout
+
+
+FALLBACK_URLS = """\
+version: 1
+rules: []
+allow_empty: true
+fallbacks:
+  base: {url: "http://127.0.0.1:11434/v1"}
+  endpoint: {url: "https://api.example/v1/chat/completions"}
+  ollama-native: {url: "http://127.0.0.1:11434/api/chat"}
+  models: {url: "http://127.0.0.1:8001/v1/models"}
+  half-endpoint: {url: "http://127.0.0.1:8001/v1/chat"}
+"""
+
+
+def test_fallback_urls_that_cannot_work_are_flagged_with_the_forms_that_can(runner: CliRunner) -> None:
+    Path("fallbacks.yaml").write_text(FALLBACK_URLS, encoding="utf-8")
+
+    result = runner.invoke(main, ["check", "fallbacks.yaml"])
+
+    assert result.exit_code == 1
+    forms = (
+        "give the base URL, as for --upstream (http://host/v1), or a chat endpoint (http://host/v1/chat/completions)"
+    )
+    assert result.stderr.splitlines() == [
+        "fallbacks.yaml:7: fallbacks.ollama-native.url: 'http://127.0.0.1:11434/api/chat' cannot work: "
+        f"Ollama's native /api/chat answers in NDJSON, which a fallback cannot stream; {forms}",
+        "fallbacks.yaml:8: fallbacks.models.url: 'http://127.0.0.1:8001/v1/models' cannot work: "
+        f"/models lists models and answers no prompt; {forms}",
+        "fallbacks.yaml:9: fallbacks.half-endpoint.url: 'http://127.0.0.1:8001/v1/chat' cannot work: "
+        f"/chat is not an endpoint (the chat endpoint is /chat/completions); {forms}",
+        "3 problems found.",
+    ]

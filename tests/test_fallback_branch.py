@@ -168,6 +168,21 @@ def test_the_fallback_request_is_the_original_body_with_model_and_stream_set() -
 
 
 @pytest.mark.parametrize(
+    ("url", "dialect", "called"),
+    [
+        ("http://h:8000/v1", "openai_chat", "http://h:8000/v1/chat/completions"),
+        ("http://h:8000/v1/", "anthropic_messages", "http://h:8000/v1/messages"),
+        ("http://h/openai/v1?api-version=1", "openai_responses", "http://h/openai/v1/responses?api-version=1"),
+        ("http://h", "openai_chat", "http://h/v1/chat/completions"),  # as --upstream http://h would
+        ("http://h/v1/chat/completions", "anthropic_messages", "http://h/v1/chat/completions"),  # as written
+    ],
+)
+def test_a_base_url_is_called_at_the_endpoint_of_the_answers_dialect(url: str, dialect: str, called: str) -> None:
+    built = fallback_request(ChatRequest(BODY, json.loads(BODY)), Fallback("b", url=url), {}, dialect)
+    assert built is not None and built.url == called
+
+
+@pytest.mark.parametrize(
     ("url", "declared", "forwarded"),
     [
         ("http://other.example:8000/v1/chat/completions", (), False),  # another host
@@ -207,6 +222,7 @@ class ModelServer:
     """
 
     requests: list[tuple[dict[str, str], dict[str, object]]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     gone: threading.Event = field(default_factory=threading.Event)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -215,6 +231,7 @@ class ModelServer:
         body = await read_body(receive)
         payload = json.loads(body)
         self.requests.append(({k.decode(): v.decode() for k, v in scope["headers"]}, payload))
+        self.paths.append(scope["path"])
         model = payload.get("model")
         if model == "backup-broken":
             error = json.dumps({"error": {"message": "overloaded", "type": "server_error"}}).encode()
@@ -376,7 +393,11 @@ async def test_a_request_body_that_was_not_kept_degrades_to_an_abort(monkeypatch
     assert app.log.cancelled
 
 
-def test_serve_branches_to_a_fallback_on_its_upstreams_origin_and_closes_the_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("url_form", [CHAT_PATH, "/v1", "/v1/"], ids=["endpoint", "base", "base-slash"])
+def test_serve_branches_to_a_fallback_on_its_upstreams_origin_and_closes_the_first(
+    tmp_path: Path, url_form: str
+) -> None:
+    """A fallback url in the endpoint form, or in the base form ``--upstream`` takes, reaches the chat endpoint."""
     upstream = ModelServer()
     with serve_in_thread(upstream, lifespan="off") as upstream_url:
         rule_file = tmp_path / "rules.yaml"
@@ -392,7 +413,7 @@ rules:
     fallback: backup
 fallbacks:
   backup:
-    url: {upstream_url}{CHAT_PATH}
+    url: {upstream_url}{url_form}
     model: backup-model
 """,
             encoding="utf-8",
@@ -408,6 +429,7 @@ fallbacks:
     assert ids == {"chatcmpl-first"}
     (first_headers, first), (backup_headers, second) = upstream.requests
     assert (first["model"], second["model"]) == ("primary", "backup-model")
+    assert upstream.paths == [CHAT_PATH, CHAT_PATH]
     # The fallback is on the upstream's origin, which gets the client's key anyway.
     assert first_headers["authorization"] == backup_headers["authorization"] == f"Bearer {CLIENT_KEY}"
     assert 'guardrail_streams_total{dialect="openai_chat",outcome="fallback"} 1.0' in metrics

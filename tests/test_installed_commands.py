@@ -88,7 +88,7 @@ def make_run() -> Iterator[str]:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     # Run only where make would not install anything (these tests must not reach a package index).
-    if subprocess.run(["make", "-q", ".venv/.installed"], cwd=ROOT).returncode != 0:
+    if subprocess.run(["make", "-q", ".venv/.installed-serve"], cwd=ROOT).returncode != 0:
         pytest.skip(".venv is not installed yet; make run would install it")
     port = free_port()
     process = subprocess.Popen(

@@ -30,7 +30,7 @@ from guardrail.proxy.app import ENV_RULES, ENV_UPSTREAM, ServeSettings, build_ap
 from guardrail.proxy.demo import CODE_NAME, FAKE_API_KEY, answer_for, split_tokens
 from guardrail.proxy.upstream import UpstreamProxy
 from tests.apps import CHAT_PATH, ChatChunks, read_body, sdk_chat
-from tests.servers import ServerLog, guardrail_command, serve_in_thread
+from tests.servers import ServerLog, guardrail_command, serve_command, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES = ROOT / "rules" / "default.yaml"
@@ -41,30 +41,10 @@ LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 @pytest.fixture(scope="module")
 def demo_server() -> Iterator[tuple[str, ServerLog]]:
     """``guardrail serve`` on the demo model, in a subprocess on a free port; stopped with Ctrl+C."""
-    process = subprocess.Popen(
-        [*guardrail_command(), "serve", "--rules", str(DEFAULT_RULES), "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    log = ServerLog(process.stderr)
-    try:
-        yield log.wait_for(LISTENING).group(1), log
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            returncode = process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
-        finally:
-            log.join()
-            process.stderr.close()
-    assert returncode == 0
+    with serve_command(
+        [*guardrail_command(), "serve", "--rules", str(DEFAULT_RULES), "--port", "0"], cwd=ROOT
+    ) as served:
+        yield served
 
 
 def demo_stream(base_url: str, prompt: str, **options: Any) -> tuple[str, list[str]]:

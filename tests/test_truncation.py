@@ -7,6 +7,7 @@ Without it, the SDKs end quietly and an app takes half an answer for the whole o
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -74,7 +75,11 @@ def served() -> Iterator[tuple[str, list[StreamRecord]]]:
 
 
 def last_outcome(records: list[StreamRecord]) -> Any:
-    return records[-1].outcome
+    # The record is written as the response ends, which the client may see first.
+    deadline = time.monotonic() + 5
+    while not records and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return records.pop().outcome
 
 
 def test_the_openai_sdk_raises_with_the_truncation_code(served: tuple[str, list[StreamRecord]]) -> None:

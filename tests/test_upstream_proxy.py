@@ -17,9 +17,10 @@ import openai
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
+from guardrail.config.urls import join_path
 from guardrail.exceptions import UpstreamStreamError
 from guardrail.proxy.demo import DemoModel, answer_for
-from guardrail.proxy.upstream import UpstreamProxy, join_path
+from guardrail.proxy.upstream import UpstreamProxy
 from tests.apps import read_body
 from tests.servers import serve_in_thread
 

@@ -1,7 +1,8 @@
 """Branching to a fallback upstream: the HTTP half of a fallback with ``url``.
 
 When a rule whose fallback has a ``url`` fires, the middleware stops the app and re-sends the
-original request to that URL, then streams the answer into the same response (see
+original request to that URL (with the answer's endpoint joined on, when it is a base URL:
+see :mod:`guardrail.config.urls`), then streams the answer into the same response (see
 ``_GuardedResponse._branch`` in :mod:`guardrail.asgi.middleware`). This module builds that
 request and opens it.
 
@@ -36,6 +37,7 @@ import httpx
 
 from guardrail._types import Scope
 from guardrail.asgi.request import ChatRequest
+from guardrail.config.urls import fallback_endpoint
 from guardrail.core.rule import Fallback
 
 logger = logging.getLogger(__name__)
@@ -105,13 +107,18 @@ def display_url(url: str | httpx.URL) -> str:
     return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
 
 
-def fallback_request(request: ChatRequest, fallback: Fallback, scope: Scope) -> FallbackRequest | None:
+def fallback_request(
+    request: ChatRequest, fallback: Fallback, scope: Scope, dialect: str = "openai_chat"
+) -> FallbackRequest | None:
     """The request to send to a url fallback, or None when the original body was not kept.
 
     Args:
         request: the client's request as the middleware kept it.
         fallback: the fallback that fired; its ``url`` must be set.
         scope: the request's ASGI scope, for its headers and credential origins.
+        dialect: the dialect of the answer the fallback continues: a ``url`` in the base form
+            (``http://host/v1``) is called at that dialect's endpoint (see
+            :func:`~guardrail.config.urls.fallback_endpoint`).
 
     Returns:
         The URL, body and headers to send; None if there is no JSON object body to re-send.
@@ -132,9 +139,10 @@ def fallback_request(request: ChatRequest, fallback: Fallback, scope: Scope) -> 
         for name, value in upstream_request_headers(scope.get("headers", []))
         if name != b"content-length"  # the body changed; httpx sets the new length
     ]
-    if not _may_receive_credentials(fallback.url, scope):
+    url = fallback_endpoint(fallback.url, dialect)
+    if not _may_receive_credentials(url, scope):
         headers = [(name, value) for name, value in headers if name not in CREDENTIAL_HEADERS]
-    return FallbackRequest(fallback.url, body, headers)
+    return FallbackRequest(url, body, headers)
 
 
 def _may_receive_credentials(url: str, scope: Scope) -> bool:

@@ -87,6 +87,12 @@ def _asks_for_usage(payload: Mapping[str, Any]) -> bool:
 # stream), and one delta in this many has its check time observed in guardrail_check_seconds.
 DELTAS_PER_REPORT = 16
 
+# What the guard did, one WARNING line each: rule, action, request id, where in the text; never the
+# text. WARNING, so that an app that configures no logging still shows it (Python's last-resort
+# handler writes WARNING and above to stderr); turn it down with logging.getLogger("guardrail").
+INTERVENTION_LOG = "rule %s: %s on %s at %d-%d (request %s)"
+RULE_ERROR_LOG = "rule %s failed: rule_error, the stream was ended (request %s)"
+
 # Only SSE bodies are guarded; an encoded body would need decoding first, so the middleware
 # must sit inside any compression middleware (Starlette's GZip already skips event streams).
 GUARDED_CONTENT_TYPE = b"text/event-stream"
@@ -150,6 +156,14 @@ class GuardrailMiddleware:
             return
         encoding = self.encodings.get(self.rules.tokenizer_for(path))
         await _GuardedResponse(self, rules, scope, send, encoding, forms[0]).run(receive)
+
+
+def _request_id(scope: Scope) -> str:
+    """The request's ``x-request-id`` header (up to 128 characters), or a new id."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"x-request-id":
+            return str(value.decode("latin-1"))[:128]
+    return uuid.uuid4().hex
 
 
 # The async generators first iterated while a guarded request runs (its app, its response body).
@@ -218,6 +232,7 @@ class _GuardedResponse:
         self.metrics = middleware.metrics
         self.rules = rules
         self.scope = scope
+        self.request_id = _request_id(scope)
         self.downstream = send
         self.now = RequestClock()
         self.start = self.now()
@@ -433,17 +448,11 @@ class _GuardedResponse:
             hide=self.middleware.rules.hidden_on(self.path),
         )
         if self.record is None:
-            self.record = StreamRecord(request_id=self._request_id(), path=self.path, dialect=dialect_name)
+            self.record = StreamRecord(request_id=self.request_id, path=self.path, dialect=dialect_name)
             self.record.model = self.request.model
             self.record.hits.extend(self.early_hits)
         self.record.dialect = dialect_name
         self.armed.set()
-
-    def _request_id(self) -> str:
-        for name, value in self.scope.get("headers", []):
-            if name.lower() == b"x-request-id":
-                return str(value.decode("latin-1"))[:128]
-        return uuid.uuid4().hex
 
     async def _body(self, message: Message) -> None:
         """Guard one body message (called by ``send`` with the send lock held, the stream still open).
@@ -580,18 +589,24 @@ class _GuardedResponse:
                 self.metrics.held(output.chars, now - output.held_since)
             elif isinstance(output, Anomaly):
                 self.metrics.anomaly(output.kind)
-                logger.warning(
-                    "stream anomaly %s: %s (stream ended: %s)", output.kind, output.detail, output.ended_stream
-                )
+                if output.kind is AnomalyKind.RULE_ERROR:
+                    logger.warning(RULE_ERROR_LOG, output.rule, self.request_id)
+                    logger.debug("rule %s failed: %s", output.rule, output.detail)  # a plugin's message may quote text
+                else:
+                    logger.warning(
+                        "stream anomaly %s: %s (stream ended: %s; request %s)",
+                        output.kind,
+                        output.detail,
+                        output.ended_stream,
+                        self.request_id,
+                    )
             elif isinstance(output, Ended):
                 ended = output
         return data, ended
 
     def _intervened(self, hit: Intervention) -> None:
         self.metrics.intervention(hit.rule, hit.action, leaked_chars=hit.leaked)
-        logger.info(
-            "rule %s (%s) fired on %s at %d-%d: %s", hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail
-        )
+        logger.warning(INTERVENTION_LOG, hit.rule, hit.action, hit.channel, hit.start, hit.end, self.request_id)
         entry = RuleHit(hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail)
         # Hits before the stream (a logged prompt budget) wait for the record to exist.
         (self.record.hits if self.record is not None else self.early_hits).append(entry)
@@ -776,7 +791,7 @@ class _GuardedResponse:
         guard = StreamGuard(
             self.rules, stream, start=now, continuation=True, encoding=self.encoding, prompt_tokens=self.prompt_tokens
         )
-        request = fallback_request(self.request, fallback, self.scope)
+        request = fallback_request(self.request, fallback, self.scope, self.guard.dialect)
         if request is None:
             logger.warning(
                 "rule %s: fallback %r has nothing to re-send (the request body was too large or not a JSON object); "

@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from guardrail.config.paths import found
 from guardrail.config.ruleset import DEFAULT_TOKENIZER
+from guardrail.config.urls import url_problem
 from guardrail.core.rule import Rule, TimedRule
 from guardrail.exceptions import EncodingError
 from guardrail.rules.banned import BannedPatterns, compile_pattern
@@ -93,8 +94,9 @@ def _check_phrase(phrase: str) -> str:
 
 
 def _check_url(url: str) -> str:
-    if not url.startswith(("http://", "https://")):
-        raise PydanticCustomError("url", "expected an http:// or https:// URL; found {found}", {"found": repr(url)})
+    problem = url_problem(url)
+    if problem is not None:
+        raise PydanticCustomError("url", "{problem}", {"problem": problem})
     return url
 
 
@@ -228,7 +230,11 @@ class FallbackSpec(_Closed):
     """A fallback answer: fixed ``text``, or another upstream ``url`` (and optional ``model``)."""
 
     text: NonEmpty | None = Field(default=None, description="A fixed answer, streamed in the stream's dialect.")
-    url: Url | None = Field(default=None, description="Another upstream, called with the original request.")
+    url: Url | None = Field(
+        default=None,
+        description="Another upstream, called with the original request: a base URL as for --upstream "
+        "(http://host/v1) or an endpoint (http://host/v1/chat/completions).",
+    )
     model: NonEmpty | None = Field(default=None, description="With `url`: the model to ask for instead.")
 
     @model_validator(mode="after")

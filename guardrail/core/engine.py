@@ -585,7 +585,7 @@ class StreamGuard:
         except _Trip as trip:
             self._trip(trip, wire, out)
         except RuleError as exc:
-            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out, exc.rule)
         except _Unreadable as exc:
             del wire[mark:]
             self._fail(AnomalyKind.MALFORMED_EVENT, str(exc), "malformed_event", wire, out)
@@ -721,7 +721,7 @@ class StreamGuard:
             self._trip(trip, wire, out)
             return False
         except RuleError as exc:
-            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out)
+            self._fail(AnomalyKind.RULE_ERROR, str(exc), "rule_error", wire, out, exc.rule)
             return False
         return True
 
@@ -793,8 +793,16 @@ class StreamGuard:
         out.append(Ended(outcome, rule.name))
         return True
 
-    def _fail(self, kind: AnomalyKind, detail: str, code: str, wire: list[bytes | _Wait], out: list[Output]) -> None:
-        out.append(Anomaly(kind, detail, ended_stream=True))
+    def _fail(
+        self,
+        kind: AnomalyKind,
+        detail: str,
+        code: str,
+        wire: list[bytes | _Wait],
+        out: list[Output],
+        rule: str | None = None,
+    ) -> None:
+        out.append(Anomaly(kind, detail, ended_stream=True, rule=rule))
         self._ended = True
         wire.append(self.stream.end(Fail(code, f"guardrail ended the stream: {detail}"), self, None))
         outcome = Outcome.UPSTREAM_ERROR if kind is not AnomalyKind.RULE_ERROR else Outcome.ABORTED

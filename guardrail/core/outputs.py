@@ -68,11 +68,15 @@ class Released:
 
 @dataclass(frozen=True, slots=True)
 class Anomaly:
-    """Bad input: what it was, and whether the guard passed it through or ended the stream for it."""
+    """Bad input: what it was, and whether the guard passed it through or ended the stream for it.
+
+    ``rule`` names the rule that failed, for a ``rule_error``.
+    """
 
     kind: AnomalyKind
     detail: str
     ended_stream: bool
+    rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

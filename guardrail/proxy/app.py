@@ -10,7 +10,9 @@ text-free endpoints        forwarded unguarded: models lists and embeddings (:da
 ``--pass-through`` globs   forwarded unguarded, on the operator's say-so
 other ``/v1``, ``/api``    refused (403, ``endpoint_not_guarded``): the guard cannot read them
 ``/metrics``               Prometheus metrics (see :mod:`guardrail.metrics`)
-``/healthz``               ``{"status":"ok"}``
+``/healthz``               ``{"status":"ok"}`` while the process serves (liveness)
+``/readyz``                ``{"status":"ok"}`` when the upstream answers HTTP at all, else a 503
+                           saying why (readiness; the demo model is always ready)
 =========================  =================================================================
 
 Every path is resolved first (see :mod:`guardrail.asgi.paths`): the proxy routes, guards and
@@ -29,7 +31,8 @@ a factory) reads in every worker:
 
 * ``GUARDRAIL_RULES``: the rule files, separated by ``os.pathsep`` (``:`` on Unix);
 * ``GUARDRAIL_UPSTREAM``: the upstream base URL; unset or empty for the demo model;
-* ``GUARDRAIL_PASS_THROUGH``: path globs forwarded unguarded, separated by ``os.pathsep``.
+* ``GUARDRAIL_PASS_THROUGH``: path globs forwarded unguarded, separated by ``os.pathsep``;
+* ``GUARDRAIL_RECORD``: a directory to record the model's answers in (see :mod:`guardrail.proxy.record`).
 
 The same factory serves under any ASGI server, e.g.
 ``GUARDRAIL_RULES=rules/default.yaml uvicorn --factory guardrail.proxy.app:create_app``. It
@@ -43,11 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fnmatch
 import gc
 import logging
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +67,11 @@ from guardrail.asgi.branch import CREDENTIAL_ORIGINS_KEY, display_url, origin_of
 from guardrail.asgi.paths import canonical_path
 from guardrail.config import RuleSet, load_rules
 from guardrail.core.dialects import dialect_for_path, endpoint_path
+from guardrail.exceptions import ListenError
 from guardrail.metrics import GuardMetrics, metrics_app
+from guardrail.packs import DEFAULT_PACK
 from guardrail.proxy.demo import DemoModel
+from guardrail.proxy.record import StreamRecorder
 from guardrail.proxy.reload import DEFAULT_POLL_SECONDS, ReloadingGuard
 from guardrail.proxy.upstream import UpstreamProxy
 
@@ -78,6 +86,14 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 GRACEFUL_SHUTDOWN_SECONDS = 10.0
 ENV_UPSTREAM = "GUARDRAIL_UPSTREAM"
 ENV_PASS_THROUGH = "GUARDRAIL_PASS_THROUGH"
+ENV_RECORD = "GUARDRAIL_RECORD"
+# uvicorn's own default listen backlog: connections the kernel queues before the server accepts them.
+LISTEN_BACKLOG = 2048
+# With --workers, uvicorn's supervisor kills a worker that does not answer its ping within this
+# long and starts another ("Child process died"). A worker answers only once it has imported its
+# code, which took 6-10 s with cold caches on a busy 2-core machine: uvicorn's default of 5 s
+# killed sound workers at start. A hung worker is still replaced, after this long.
+WORKER_HEALTHCHECK_SECONDS = 30
 CHAT_PATH = "/v1/chat/completions"
 # The API prefixes the proxy serves: under them, a path is guarded, known text-free, passed on
 # the operator's say-so, or refused.
@@ -108,11 +124,17 @@ class ServeSettings:
         rules: the rule files.
         upstream: the upstream base URL (e.g. ``https://api.openai.com/v1``); None for the
             built-in demo model.
+        pass_through: path globs forwarded unguarded.
+        record: a directory to record the model's answers in, before any rule sees them.
+        default_rules: ``rules`` is the packaged default pack, taken because no rule file was
+            given (the log says so).
     """
 
     rules: tuple[str, ...]
     upstream: str | None = None
     pass_through: tuple[str, ...] = ()
+    record: str | None = None
+    default_rules: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
@@ -132,7 +154,7 @@ class ServeSettings:
         if not rules:
             raise ValueError(f"{ENV_RULES} must name at least one rule file (several separated by {os.pathsep!r})")
         passed = tuple(glob for glob in env.get(ENV_PASS_THROUGH, "").split(os.pathsep) if glob)
-        return cls(rules, env.get(ENV_UPSTREAM) or None, passed)
+        return cls(rules, env.get(ENV_UPSTREAM) or None, passed, env.get(ENV_RECORD) or None)
 
     def to_env(self) -> dict[str, str]:
         """The environment variables :meth:`from_env` reads back into these settings."""
@@ -140,11 +162,21 @@ class ServeSettings:
             ENV_RULES: os.pathsep.join(self.rules),
             ENV_UPSTREAM: self.upstream or "",
             ENV_PASS_THROUGH: os.pathsep.join(self.pass_through),
+            ENV_RECORD: self.record or "",
         }
 
     def describe_model(self) -> str:
         """What answers, for the log: the upstream without credentials, or the demo model."""
         return f"upstream {display_url(self.upstream)}" if self.upstream else "the built-in demo model"
+
+    def describe_rules(self) -> str:
+        """Which rules, for the log: the files, or the packaged default pack and how to see it."""
+        if self.default_rules:
+            return (
+                f"the packaged default rules ({', '.join(self.rules)}; no --rules was given): "
+                f"`guardrail rules show {DEFAULT_PACK}` prints them"
+            )
+        return "rules from " + ", ".join(self.rules)
 
 
 class GuardingProxy:
@@ -207,10 +239,19 @@ class GuardingProxy:
                 await self._refuse(send, method, path, "guardrail cannot read its answers")
         elif path == "/metrics":
             await self.metrics(scope, receive, send)
-        elif path in ("/healthz", "/readyz"):
+        elif path == "/healthz":
             await send_json(send, 200, {"status": "ok"})
+        elif path == "/readyz":
+            await self._readiness(send)
         else:
             await send_json(send, 404, openai_error(f"Not found: {path}", type="invalid_request_error", code=None))
+
+    async def _readiness(self, send: Send) -> None:
+        problem = await self.model.probe() if isinstance(self.model, UpstreamProxy) else None
+        if problem is None:
+            await send_json(send, 200, {"status": "ok"})
+        else:
+            await send_json(send, 503, {"status": "unavailable", "upstream": problem})
 
     def _passed(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, glob) for glob in self.settings.pass_through)
@@ -273,7 +314,8 @@ def build_app(
     if model is None:
         model = UpstreamProxy(settings.upstream) if settings.upstream else DemoModel()
     metrics = GuardMetrics(registry)
-    guard = ReloadingGuard(model, paths=settings.rules, metrics=metrics, rules=rules, poll_seconds=poll_seconds)
+    guarded = StreamRecorder(model, settings.record) if settings.record else model
+    guard = ReloadingGuard(guarded, paths=settings.rules, metrics=metrics, rules=rules, poll_seconds=poll_seconds)
     return GuardingProxy(
         settings, guard, model, metrics_app(registry), owns_model=owns_model, freeze_after_startup=freeze_after_startup
     )
@@ -320,7 +362,8 @@ def run(settings: ServeSettings, *, host: str, port: int, workers: int = 1, log_
     Raises:
         ConfigError: a rule file is invalid.
         ValueError: the upstream is not an http(s) URL, or ``PROMETHEUS_MULTIPROC_DIR`` is not a directory.
-        SystemExit: the server could not start (the port is taken, say): uvicorn logs why.
+        ListenError: the host and port cannot be listened on (the port is taken, say).
+        SystemExit: the server could not start: uvicorn logs why.
     """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -328,6 +371,9 @@ def run(settings: ServeSettings, *, host: str, port: int, workers: int = 1, log_
     rules = load_rules(settings.rules)  # fails before binding, with every problem listed
     if settings.upstream is not None and origin_of(settings.upstream) is None:
         raise ValueError(f"--upstream must be an absolute http(s) URL, got {display_url(settings.upstream)!r}")
+    # Listening before anything is said: until uvicorn starts serving, the kernel queues
+    # connections instead of refusing them.
+    sock = listen(host, port)
     proxying = settings.upstream is not None
     options: dict[str, Any] = {
         "host": host,
@@ -341,27 +387,78 @@ def run(settings: ServeSettings, *, host: str, port: int, workers: int = 1, log_
         # A stalled stream must not hold a Ctrl+C for minutes; in-flight streams get this long to end.
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
     }
-    if workers > 1:
-        os.environ.update(settings.to_env())  # read back by create_app in every worker
-        config = uvicorn.Config("guardrail.proxy.app:create_app", factory=True, workers=workers, **options)
-        _check_multiprocess_metrics(workers)  # after Config, which sets up logging
-    else:
-        config = uvicorn.Config(build_app(settings, rules=rules, freeze_after_startup=True), **options)
-    sock = config.bind_socket()
-    # Listen before saying so: until uvicorn starts serving, the kernel queues connections
-    # instead of refusing them.
-    sock.listen(config.backlog)
-    logger.info("guarding %s with rules from %s", settings.describe_model(), ", ".join(settings.rules))
-    where = f"[{host}]" if ":" in host else host
-    logger.info("listening on http://%s:%d (Ctrl+C to stop)", where, sock.getsockname()[1])
-    if workers > 1:
-        Multiprocess(config, sockets=[sock]).run()
-        return
-    server = uvicorn.Server(config)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl+C it shut down for
-        server.run(sockets=[sock])
-    if not server.started:
-        raise SystemExit(1)
+    with sock:
+        if workers > 1:
+            os.environ.update(settings.to_env())  # read back by create_app in every worker
+            config = uvicorn.Config(
+                "guardrail.proxy.app:create_app",
+                factory=True,
+                workers=workers,
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
+                **options,
+            )
+        else:
+            config = uvicorn.Config(build_app(settings, rules=rules, freeze_after_startup=True), **options)
+        # The first line (uvicorn's Config has set up logging by now): what is guarded, and by what.
+        logger.info("guarding %s with %s", settings.describe_model(), settings.describe_rules())
+        if settings.record:
+            logger.warning(
+                "recording every answer of the model to %s as it arrives, before any rule sees it: "
+                "these files hold model text (request headers are never written)",
+                settings.record,
+            )
+        if workers > 1:
+            _check_multiprocess_metrics(workers)
+        where = f"[{host}]" if ":" in host else host
+        logger.info("listening on http://%s:%d (Ctrl+C to stop)", where, sock.getsockname()[1])
+        if workers > 1:
+            Multiprocess(config, sockets=[sock]).run()
+            return
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl+C it shut down for
+            server.run(sockets=[sock])
+        if not server.started:
+            raise SystemExit(1)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host`` and ``port``, ready to hand to uvicorn (and its workers).
+
+    Args:
+        host: an interface address or host name.
+        port: the port; 0 picks a free one.
+
+    Returns:
+        The listening socket.
+
+    Raises:
+        ListenError: the port is taken, or the host or port cannot be used; the message says
+            what to do.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(_why_not_listening(host, port, exc)) from None
+    sock.set_inheritable(True)  # worker processes serve it too
+    return sock
+
+
+def _why_not_listening(host: str, port: int, exc: OSError) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    other_port = port + 1 if 0 < port < 65535 else 8000
+    elsewhere = f"choose another port: `make run PORT={other_port}`, or `guardrail serve --port {other_port}`"
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: port {port} is already in use (by another server?); stop it, or {elsewhere}"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: no permission to use port {port} (ports below 1024 need it); {elsewhere}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: {host} is not an address of this machine; try `--host 127.0.0.1`"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
 def _check_multiprocess_metrics(workers: int) -> None:

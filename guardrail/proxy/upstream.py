@@ -30,6 +30,8 @@ import httpx
 
 from guardrail._asgi import openai_error, send_json, send_response, serve_lifespan
 from guardrail._types import Message, Receive, Scope, Send
+from guardrail.asgi.branch import display_url
+from guardrail.config.urls import join_path
 from guardrail.core.dialects import dialect_for_path, get_dialect
 from guardrail.exceptions import UpstreamStreamError
 from guardrail.proxy.headers import client_response_headers, upstream_request_headers
@@ -44,6 +46,9 @@ DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 # timeout; a proxy holds one upstream connection per stream in flight.
 DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 
+# How long /readyz waits for the upstream to answer.
+PROBE_TIMEOUT = httpx.Timeout(3.0)
+
 # Bounds the shielded close of an upstream response, which must not hang a cancelled task.
 _CLOSE_TIMEOUT_SECONDS = 5.0
 
@@ -56,43 +61,6 @@ _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 class _ClientGone(Exception):
     """The client disconnected while its request body was still being read."""
-
-
-def join_path(base_path: str, request_path: str) -> str:
-    """Join a request path onto the upstream URL's path.
-
-    The rule: segments the two paths share where the upstream path ends and the request path
-    begins are written once. So the request path replaces the upstream path when the upstream
-    path is a prefix of it, and is appended to it when they share nothing:
-
-    ====================  ========================  ==============================
-    upstream path         request path              result
-    ====================  ========================  ==============================
-    ``/v1``               ``/v1/chat/completions``  ``/v1/chat/completions``
-    (empty)               ``/v1/chat/completions``  ``/v1/chat/completions``
-    ``/api``              ``/v1/chat/completions``  ``/api/v1/chat/completions``
-    ``/openai/v1``        ``/v1/chat/completions``  ``/openai/v1/chat/completions``
-    ====================  ========================  ==============================
-
-    The last row (a partial overlap) is what lets ``--upstream https://host/openai/v1`` work
-    for clients configured with ``base_url=http://proxy/v1``. Segments are compared whole:
-    ``/api`` does not overlap ``/api-docs``.
-
-    Args:
-        base_path: the upstream URL's path, percent-encoded.
-        request_path: the client's request path, percent-encoded, starting with ``/``.
-
-    Returns:
-        The path to request upstream, starting with ``/``.
-    """
-    stripped = base_path.strip("/")
-    base = stripped.split("/") if stripped else []
-    request = request_path.removeprefix("/").split("/")
-    overlap = next(
-        (size for size in range(min(len(base), len(request)), 0, -1) if base[-size:] == request[:size]),
-        0,
-    )
-    return "/" + "/".join(base + request[overlap:])
 
 
 def _no_cookie_jar() -> CookieJar:
@@ -157,6 +125,22 @@ class UpstreamProxy:
         query = "&".join(part for part in (self._base.query.decode("ascii"), quote(query_string, _URL_SAFE)) if part)
         target = path + "?" + query if query else path
         return self._base.copy_with(raw_path=target.encode("ascii"))
+
+    async def probe(self) -> str | None:
+        """Whether the upstream can be reached: None if it answers HTTP at all (any status), else why not.
+
+        A ``GET`` of the base URL, without the client's headers (so without credentials), for
+        ``/readyz``; the answer's body is not read.
+        """
+        request = self._client.build_request("GET", self._base, timeout=PROBE_TIMEOUT)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            return f"{display_url(self._base)} timed out"
+        except httpx.HTTPError as exc:
+            return f"{display_url(self._base)} cannot be reached ({type(exc).__name__})"
+        await response.aclose()
+        return None
 
     async def aclose(self) -> None:
         """Close the httpx client if this app created it."""
