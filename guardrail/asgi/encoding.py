@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from guardrail.core.dialect import Framing
 
-try:  # optional: pip install 'guardrail[brotli]'
+try:  # optional: pip install 'guardrail-stream[brotli]'
     import brotli as _brotli
 except ImportError:  # pragma: no cover - depends on the environment
     _brotli = None
