@@ -271,7 +271,7 @@ UPSTREAM_CASES = {
         stalled_rule,
         [CHAT.role(), CHAT.content("Thinking")],
         KEEP_ALIVE,
-        "Thinking" + FALLBACK_TEXT,
+        "Thinking\n\n" + FALLBACK_TEXT,
         "stop",
         "timeout",
     ),

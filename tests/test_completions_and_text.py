@@ -28,11 +28,11 @@ SORRY = "Sorry, I can't share that."
 EXPECTED = {
     Action.REDACT: ("Your key is [redacted] and the codename is [redacted], ok.", "stop"),
     Action.ABORT: ("Your key is ", "content_filter"),
-    Action.FALLBACK: ("Your key is " + SORRY, "stop"),
+    Action.FALLBACK: ("Your key is \n\n" + SORRY, "stop"),
     "budget": ("Your key is", "length"),
 }
-# Plain text has no place for a reason: a stop ends the body; fallback text follows a blank line.
-TEXT_EXPECTED = {**{k: v[0] for k, v in EXPECTED.items()}, Action.FALLBACK: "Your key is \n\n" + SORRY}
+# Plain text has no place for a reason: a stop simply ends the body.
+TEXT_EXPECTED = {k: v[0] for k, v in EXPECTED.items()}
 
 
 def app(action: Action | str) -> FastAPI:

@@ -548,3 +548,18 @@ def test_json_schema_describes_the_closed_schema() -> None:
     assert banned["properties"]["name"]["pattern"] == "^[a-z0-9][a-z0-9_.-]{0,63}$"
     assert banned["properties"]["action"]["enum"] == ["abort", "fallback", "redact", "log"]
     assert schema["$defs"]["PluginRuleSpec"]["properties"]["type"]["not"] == {"enum": list(BUILTIN_TYPES)}
+
+
+def test_a_text_fallback_takes_a_separator_and_a_url_fallback_does_not() -> None:
+    base = """\
+        version: 1
+        rules:
+          - {name: names, type: banned_patterns, phrases: [project starlight], action: fallback, fallback: sorry}
+        fallbacks:
+          sorry: %s
+        """
+    glued = load_rules(write(base % '{text: "Sorry.", separator: ""}'))
+    assert glued.rules[0].fallback == Fallback("sorry", text="Sorry.", separator="")
+    assert load_rules(write(base % '{text: "Sorry."}')).rules[0].fallback == Fallback("sorry", text="Sorry.")
+    found = problems(base % '{url: "http://127.0.0.1:9/v1", separator: ""}')
+    assert len(found) == 1 and "'separator' only applies to a fallback with 'text'" in found[0]

@@ -99,7 +99,7 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[str, Action | str]]
 EXPECTED_TEXT = {
     Action.REDACT: REDACTED,
     Action.ABORT: PREFIX,
-    Action.FALLBACK: PREFIX + SORRY,
+    Action.FALLBACK: PREFIX + "\n\n" + SORRY,
     "budget": "Your key is",
 }
 

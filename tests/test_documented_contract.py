@@ -253,5 +253,5 @@ def test_the_documented_idle_limit_streams_the_try_again_fallback(documented_rul
     # seconds: 8 with keep-alives every 0.5 s: the silence behind them is what counts.
     with serve_in_thread(streaming_app(documented_rules, ["Let me think", " about that"], stall=True)) as base_url:
         text, reasons = sdk_stream(base_url, timeout=60)
-    assert text == "Let me think about that" + TRY_AGAIN
+    assert text == "Let me think about that\n\n" + TRY_AGAIN
     assert reasons == ["stop"]

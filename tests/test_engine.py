@@ -251,7 +251,7 @@ def test_fallback_streams_its_text_and_ends_cleanly() -> None:
     rule = BoundRule("banned", BANNED, Action.FALLBACK, fallback=Fallback("sorry", text="I can't share that."))
     wire, others = run([rule], answer_stream(["Sure: sk-", "B" * 30, " there."]))
     client = view(wire)
-    assert client.content == "Sure: I can't share that."
+    assert client.content == "Sure: \n\nI can't share that."  # the fallback's separator: a blank line
     assert client.finish == {0: "stop"}
     assert client.done
     assert others[-1] == Ended(Outcome.FALLBACK, "banned")
@@ -412,3 +412,18 @@ def test_feed_after_the_end_returns_nothing() -> None:
     assert any(isinstance(o, Ended) for o in guard.feed(chunk("sk-" + "E" * 30 + " and then some")))
     assert guard.feed(chunk("more")) == []
     assert guard.close() == []
+
+
+def test_fallback_text_starts_after_a_separator_only_when_the_client_has_text() -> None:
+    def client_text(separator: str | None, pieces: list[str]) -> str:
+        fallback = Fallback("sorry", text="I can't talk about that.")
+        if separator is not None:
+            fallback = Fallback("sorry", text="I can't talk about that.", separator=separator)
+        wire, _ = run([BoundRule("banned", BANNED, Action.FALLBACK, fallback=fallback)], answer_stream(pieces))
+        return view(wire).content
+
+    cut = ["The plan is called", " Project Starlight."]
+    assert client_text(None, cut) == "The plan is called \n\nI can't talk about that."
+    assert client_text("", cut) == "The plan is called I can't talk about that."
+    assert client_text(" — ", cut) == "The plan is called  — I can't talk about that."
+    assert client_text(None, ["Project Starlight."]) == "I can't talk about that."  # nothing before it

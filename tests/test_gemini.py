@@ -35,7 +35,7 @@ SORRY = "Sorry, I can't share that."
 EXPECTED = {
     Action.REDACT: ("Your key is [redacted] and the codename is [redacted], ok.", "STOP"),
     Action.ABORT: ("Your key is ", "SAFETY"),
-    Action.FALLBACK: ("Your key is " + SORRY, "STOP"),
+    Action.FALLBACK: ("Your key is \n\n" + SORRY, "STOP"),
     "budget": ("Your key is", "MAX_TOKENS"),
 }
 HEAD = {"modelVersion": "gemini-x", "responseId": "r1"}

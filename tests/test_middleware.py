@@ -209,7 +209,7 @@ async def test_abort_and_fallback_close_the_app_and_stop_its_deltas(action: Acti
         assert recorder.content == "Here is the key: "
         assert finish_reasons(events) == [(0, "content_filter")]
     else:
-        assert recorder.content == "Here is the key: " + str(FALLBACK.text)
+        assert recorder.content == "Here is the key: \n\n" + str(FALLBACK.text)
         assert finish_reasons(events) == [(0, "stop")]
 
 

@@ -25,7 +25,7 @@ SORRY = "Sorry, I can't share that."
 EXPECTED = {
     Action.REDACT: ("Your key is [redacted] and the codename is [redacted], ok.", "stop"),
     Action.ABORT: ("Your key is ", "content_filter"),
-    Action.FALLBACK: ("Your key is " + SORRY, "stop"),
+    Action.FALLBACK: ("Your key is \n\n" + SORRY, "stop"),
     "budget": ("Your key is", "length"),
 }
 

@@ -89,7 +89,7 @@ def secrets_rules(action: Action) -> RuleSet:
 
 EXPECTED: dict[Action, tuple[str, list[str]]] = {
     Action.ABORT: (BEFORE_KEY, ["content_filter"]),
-    Action.FALLBACK: (BEFORE_KEY + FALLBACK_TEXT, ["stop"]),
+    Action.FALLBACK: (BEFORE_KEY + "\n\n" + FALLBACK_TEXT, ["stop"]),
     Action.REDACT: ("Sure. Your key is [redacted] and the codename is [redacted]. Anything else?", ["stop"]),
     Action.LOG: (ANSWER, ["stop"]),
 }

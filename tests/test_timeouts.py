@@ -206,7 +206,7 @@ def test_a_fallback_on_timeout_streams_its_text_then_stop_and_done_with_the_stre
     outputs = guard.expire(START + 1.1)
     assert endings(outputs) == [Ended(Outcome.TIMEOUT, "stalled")]
     events = wire(outputs)
-    assert joined_content(events) == FALLBACK_TEXT
+    assert joined_content(events) == "\n\n" + FALLBACK_TEXT  # after "Hello", the separator
     assert finish_reasons(events) == [(0, "stop")]
     assert events[-1].is_done
     assert {event.json["id"] for event in events if event.is_chunk} == {CHAT.id}
@@ -244,7 +244,7 @@ def test_text_held_for_a_possible_match_is_released_before_the_timeout_ending(ac
     if action is Action.ABORT:
         assert error_of(events[1:])["code"] == "idle_timeout"
     else:
-        assert joined_content(events[1:]) == FALLBACK_TEXT
+        assert joined_content(events[1:]) == "\n\n" + FALLBACK_TEXT
         assert finish_reasons(events) == [(0, "stop")]
         assert events[-1].is_done
 
@@ -324,9 +324,9 @@ async def test_silence_behind_keep_alives_gets_the_fallback_about_one_second_aft
     with anyio.fail_after(30), serve_in_thread(app, lifespan="off") as url:
         received = await stream_with_sdk(url)
         assert received.error is None
-        assert [text for _, text in received.pieces] == [*THREE_DELTAS, FALLBACK_TEXT]
+        assert [text for _, text in received.pieces] == [*THREE_DELTAS, "\n\n" + FALLBACK_TEXT]
         assert received.finish_reasons == ["stop"]
-        gap = received.arrival(FALLBACK_TEXT) - received.arrival(THREE_DELTAS[-1])
+        gap = received.arrival("\n\n" + FALLBACK_TEXT) - received.arrival(THREE_DELTAS[-1])
         assert 0.8 <= gap <= 4.0, f"the fallback came {gap:.2f} s after the last delta"
         assert len(log.sent) >= 3, "the app kept the connection busy during the silence"
         assert await waited(log.closed, 5), "the app's generator was never closed"

@@ -308,7 +308,7 @@ async def test_a_fallback_answer_is_counted_in_the_usage_chunk() -> None:
     # The client receives the safe prefix and then the fallback text: usage counts all of it.
     served = await serve(CHAT.stream(ANSWER), budget_rule(5, action=Action.FALLBACK))
     received = joined_content(served.data_events)
-    assert received == "Streaming hides latency: wordsSorry, that was too long."
+    assert received == "Streaming hides latency: words\n\nSorry, that was too long."
     assert served.usage_events[0].json["usage"]["completion_tokens"] == o200k_count(received)
     assert served.records[0].completion_tokens == o200k_count(received)
 
@@ -323,12 +323,12 @@ async def test_a_fallback_that_fires_as_the_stream_ends_is_counted_with_the_text
     # pattern once nothing more can extend the key.
     if rule_type == "token_budget":
         rule, deltas = budget_rule(3, action=Action.FALLBACK), ["The quick brown fox"]
-        expected = "The quick brownSorry, that was too long."
+        expected = "The quick brown\n\nSorry, that was too long."
     else:
         banned = BannedPatterns(patterns=[r"sk-[a-z]{5,}"])
         rule = BoundRule("secrets", banned, Action.FALLBACK, fallback=Fallback(name="sorry", text="Sorry."))
         deltas = ["The key is", " sk-abc", "defgh"]
-        expected = "The key is Sorry."
+        expected = "The key is \n\nSorry."
     bodies = [CHAT.role(), *(CHAT.content(delta) for delta in deltas), CHAT.finish("stop")]
     served = await serve([*bodies, DONE] if with_done else bodies, rule, record_text=True)
     received = joined_content(served.data_events)
@@ -351,7 +351,7 @@ def test_a_timeout_fallback_is_counted_with_the_text_before_it() -> None:
     wire += b"".join(output.data for output in guard.expire(60.0) if isinstance(output, SendBytes))
     events = split_events(wire)
     received = joined_content(events)
-    assert received == "The quick brown foxPlease try again."
+    assert received == "The quick brown fox\n\nPlease try again."
     usage = [event.json["usage"] for event in events if event.is_chunk and event.json.get("usage")]
     assert usage == [
         {"prompt_tokens": 5, "completion_tokens": o200k_count(received), "total_tokens": 5 + o200k_count(received)}

@@ -40,7 +40,7 @@ SORRY = "Sorry, I can't share that."
 EXPECTED = {
     Action.REDACT: ("Your key is [redacted] and the codename is [redacted], ok.", "stop"),
     Action.ABORT: ("Your key is ", "content-filter"),
-    Action.FALLBACK: ("Your key is " + SORRY, "stop"),
+    Action.FALLBACK: ("Your key is \n\n" + SORRY, "stop"),
     "budget": ("Your key is", "length"),
 }
 HEADERS = {"x-vercel-ai-ui-message-stream": "v1", "cache-control": "no-cache"}

@@ -281,4 +281,6 @@ def _fallback(spec: RuleFileSpec, name: str | None) -> Fallback | None:
     if name is None:
         return None
     answer = spec.fallbacks[name]
+    if answer.separator is not None:
+        return Fallback(name, text=answer.text, separator=answer.separator)
     return Fallback(name, text=answer.text, url=answer.url, model=answer.model)

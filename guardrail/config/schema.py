@@ -236,6 +236,11 @@ class FallbackSpec(_Closed):
         "(http://host/v1) or an endpoint (http://host/v1/chat/completions).",
     )
     model: NonEmpty | None = Field(default=None, description="With `url`: the model to ask for instead.")
+    separator: str | None = Field(
+        default=None,
+        description="With `text`: what goes between the text the client already received and the fallback's "
+        '(default a blank line, "\\n\\n"; "" glues them).',
+    )
 
     @model_validator(mode="after")
     def _text_or_url(self) -> FallbackSpec:
@@ -245,6 +250,8 @@ class FallbackSpec(_Closed):
             )
         if self.model is not None and self.url is None:
             raise PydanticCustomError("fallback_model", "'model' only applies to a fallback with 'url'")
+        if self.separator is not None and self.text is None:
+            raise PydanticCustomError("fallback_separator", "'separator' only applies to a fallback with 'text'")
         return self
 
 

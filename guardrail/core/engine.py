@@ -789,7 +789,9 @@ class StreamGuard:
             return True
         if fallback.text is None:
             return False
-        self._end_stream(FallbackText(fallback.text), None, wire)
+        answered = any(self.sent(name) for name, channel in self._channels.items() if not channel.hidden)
+        text = fallback.separator + fallback.text if answered else fallback.text
+        self._end_stream(FallbackText(text), None, wire)
         out.append(Ended(outcome, rule.name))
         return True
 

@@ -98,12 +98,17 @@ class TimedRule(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Fallback:
-    """A fallback answer from a rule file: fixed ``text``, or a branch to another upstream ``url``."""
+    """A fallback answer from a rule file: fixed ``text``, or a branch to another upstream ``url``.
+
+    ``separator`` goes between the text the client already received and a fixed ``text``
+    (a blank line by default, so the answer does not read as glued to the cut one).
+    """
 
     name: str
     text: str | None = None
     url: str | None = None
     model: str | None = None
+    separator: str = "\n\n"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 The whole body is one channel, ``text``, streamed as it comes (split only between UTF-8
 characters). A policy or length stop simply ends the body after the safe prefix; fallback text
-is appended after a blank line; an error ends the body with a bracketed note, the only way
-plain text has to say so.
+is appended (after the fallback's separator, a blank line by default); an error ends the body
+with a bracketed note, the only way plain text has to say so.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ class TextStream:
 
     def end(self, ending: Ending | None, ledger: Ledger, parsed: Parsed | None = None) -> bytes:
         if isinstance(ending, FallbackText):
-            separator = "\n\n" if ledger.sent(CHANNEL) else ""
-            ledger.add(CHANNEL, separator + ending.text)
-            return (separator + ending.text).encode()
+            ledger.add(CHANNEL, ending.text)
+            return ending.text.encode()
         if isinstance(ending, Fail):
             return f"\n\n[{ending.code}] {ending.message}\n".encode()
         return b""
