@@ -11,7 +11,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from starlette.responses import StreamingResponse
 from guardrail._types import Receive, Scope, Send
 from guardrail.asgi import GuardrailMiddleware
 from guardrail.asgi.branch import CREDENTIAL_ORIGINS_KEY, display_url, fallback_request, origin_of
+from guardrail.asgi.record import StreamRecord
 from guardrail.asgi.request import ChatRequest
 from guardrail.config import RuleSet
 from guardrail.core.engine import StreamGuard
@@ -34,6 +35,7 @@ from guardrail.metrics import GuardMetrics
 from guardrail.proxy.app import ServeSettings, build_app
 from guardrail.rules.banned import BannedPatterns
 from guardrail.rules.timeout import IdleTimeout
+from guardrail.tokenizers import get_encoding
 from tests.apps import (
     CHAT_PATH,
     ChatChunks,
@@ -252,7 +254,11 @@ class ModelServer:
                 pass  # stalled until the guard gives up on it
             return
         text = TRIPPING_ANSWER if model == "backup-trips" else BACKUP_ANSWER
-        for event in BACKUP.stream([text[:12], text[12:30], text[30:]]):
+        events = BACKUP.stream([text[:12], text[12:30], text[30:]])
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            events.insert(-1, BACKUP.usage(prompt=99, completion=7))  # its own answer's count, as an upstream would
+        for event in events:
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -277,7 +283,7 @@ class GeneratorLog:
     closed: threading.Event = field(default_factory=threading.Event)
 
 
-def leaky_app(rules: RuleSet, log: GeneratorLog) -> FastAPI:
+def leaky_app(rules: RuleSet, log: GeneratorLog, on_record: Callable[[StreamRecord], None] | None = None) -> FastAPI:
     """A FastAPI app streaming the leaky answer forever, guarded by ``rules`` (middleware mode)."""
 
     async def answer() -> AsyncIterator[bytes]:
@@ -297,7 +303,8 @@ def leaky_app(rules: RuleSet, log: GeneratorLog) -> FastAPI:
     async def completions() -> StreamingResponse:
         return StreamingResponse(answer(), media_type="text/event-stream")
 
-    app.add_middleware(GuardrailMiddleware, rules=rules, metrics=GuardMetrics(CollectorRegistry()))
+    metrics = GuardMetrics(CollectorRegistry())
+    app.add_middleware(GuardrailMiddleware, rules=rules, metrics=metrics, on_record=on_record)
     return app
 
 
@@ -475,3 +482,36 @@ def test_a_stalled_fallback_times_out_on_its_own_idle_limit(backup: tuple[ModelS
     assert b'"code":"idle_timeout"' in wire
     # Idle limit: 0.3 s after the fallback's first text (at 0.6 s); the first-token limit is 3 s.
     assert elapsed < 2.0
+
+
+def test_a_url_fallback_reads_as_one_answer_with_usage_counting_all_the_client_received(
+    backup: tuple[ModelServer, str],
+) -> None:
+    server, backup_url = backup
+    records: list[StreamRecord] = []
+    app = leaky_app(guard_rules(f"{backup_url}{CHAT_PATH}"), GeneratorLog(), records.append)
+    body = {
+        "model": "primary",
+        "messages": [{"role": "user", "content": "my key?"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with serve_in_thread(app) as base_url:
+        wire = httpx.post(f"{base_url}{CHAT_PATH}", json=body, timeout=TIMEOUT).content
+        deadline = time.monotonic() + TIMEOUT
+        while not records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    chunks = [event.json for event in split_events(wire) if event.is_chunk]
+    assert {(chunk["id"], chunk["model"]) for chunk in chunks} == {("chatcmpl-first", "primary")}
+    usages = [chunk["usage"] for chunk in chunks if chunk.get("usage")]
+    text = "".join(c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"])
+    assert text == PREFIX + BACKUP_ANSWER
+    encoding = get_encoding("o200k_base")
+    assert len(usages) == 1 and usages[0]["completion_tokens"] == len(encoding.encode(text))
+    assert usages[0]["prompt_tokens"] != 99  # the prompt counted once, by the guard
+    (record,) = records
+    assert record.completion_tokens == usages[0]["completion_tokens"]
+    assert record.fallback is not None and record.fallback["name"] == "backup"
+    assert record.fallback["model"] == "backup-model"
+    # The fallback's share: the whole answer's tokens less the prefix's.
+    assert record.fallback["completion_tokens"] == len(encoding.encode(text)) - len(encoding.encode(PREFIX))

@@ -359,6 +359,19 @@ def test_a_timeout_fallback_is_counted_with_the_text_before_it() -> None:
     assert guard.sent_text() == {"choices[0].content": received}
 
 
+def test_an_error_ending_carries_the_usage_asked_for_before_its_error_event() -> None:
+    stalled = BoundRule("stalled", IdleTimeout(seconds=5), Action.ABORT)
+    guard = StreamGuard([stalled], encoding=get_encoding("o200k_base"), include_usage=True, prompt_tokens=5)
+    wire = b""
+    for now, data in enumerate([CHAT.role(), CHAT.content("The quick brown")]):
+        wire += b"".join(output.data for output in guard.feed(data, float(now)) if isinstance(output, SendBytes))
+    wire += b"".join(output.data for output in guard.expire(60.0) if isinstance(output, SendBytes))
+    events = [event.json for event in split_events(wire) if event.json is not None]
+    usage, error = events[-2], events[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == o200k_count("The quick brown")
+    assert error["error"]["code"] == "idle_timeout"
+
+
 # -- prompt counting and prompt budgets (acceptance 5) --------------------------------------------
 
 

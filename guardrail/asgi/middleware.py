@@ -256,6 +256,7 @@ class _GuardedResponse:
         self.early_hits: list[RuleHit] = []
         self.texts: dict[str, str] = {}
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
+        self.branch_guard: StreamGuard | None = None  # and guards its answer
         # The app's response start, held until the guard knows how to read the body (and, for a
         # whole body, until it is guarded); then how to read it.
         self.held_start: Message | None = None
@@ -786,11 +787,17 @@ class _GuardedResponse:
             ledger=self.guard,
             include_usage=self.request.include_usage,
             prompt_tokens=self.prompt_tokens,
-            tokens_before=self.guard.completion_tokens() or 0,
         )
         guard = StreamGuard(
-            self.rules, stream, start=now, continuation=True, encoding=self.encoding, prompt_tokens=self.prompt_tokens
+            self.rules,
+            stream,
+            start=now,
+            continuation=True,
+            encoding=self.encoding,
+            prompt_tokens=self.prompt_tokens,
+            text_before=self.guard.sent_text(),  # usage counts the answer the client reads, prefix and all
         )
+        self.branch_guard = guard
         request = fallback_request(self.request, fallback, self.scope, self.guard.dialect)
         if request is None:
             logger.warning(
@@ -886,6 +893,15 @@ class _GuardedResponse:
         record.dialect = guard.dialect  # (a dialect told by the first event is known only now)
         record.prompt_tokens = self.prompt_tokens
         record.completion_tokens = guard.completion_tokens()
+        second = self.branch_guard
+        if second is not None and self.branch is not None and self.branch.fallback is not None:
+            # Both legs: the continuation counts the whole answer the client received.
+            first_leg, both = record.completion_tokens, second.completion_tokens()
+            record.completion_tokens = both
+            record.deltas += second.deltas
+            fallback = self.branch.fallback
+            tokens = both - first_leg if both is not None and first_leg is not None else None
+            record.fallback = {"name": fallback.name, "model": fallback.model, "completion_tokens": tokens}
         if self.prompt_tokens is not None:
             self.metrics.tokens("prompt", self.prompt_tokens)
         if record.completion_tokens is not None:

@@ -44,6 +44,8 @@ class StreamRecord:
         outcome: how the stream ended (see :class:`~guardrail.core.outputs.Outcome`).
         hits: the rules that fired, in order.
         text: the text the client received, by channel; only with ``record_text=True``.
+        fallback: after a url fallback, its name, the model asked for (None: the request's) and
+            the tokens of its answer the client received (also counted in ``completion_tokens``).
     """
 
     request_id: str
@@ -58,6 +60,7 @@ class StreamRecord:
     outcome: str = ""
     hits: list[RuleHit] = field(default_factory=list)
     text: dict[str, str] | None = None
+    fallback: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The record as plain JSON-ready data."""

@@ -39,7 +39,7 @@ acts as ``abort`` there, so a second trip ends the stream instead of branching a
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 from guardrail.core.dialect import (
@@ -356,6 +356,8 @@ class StreamGuard:
             rule file's ``final_answer_only``.
         continuation: this guard guards a url fallback's answer, spliced into a stream the
             client already has: a rule with ``action: fallback`` acts as ``abort``.
+        text_before: a continuation's channels' text the client already has (the first
+            stream's): completion tokens count each channel as one text, from its start.
     """
 
     def __init__(
@@ -368,9 +370,11 @@ class StreamGuard:
         prompt_tokens: int | None = None,
         continuation: bool = False,
         hide: Collection[Kind] = (),
+        text_before: Mapping[str, str] | None = None,
         **options: Any,
     ) -> None:
         self._rules = tuple(rules)
+        self._text_before = dict(text_before or {})
         self._hide = frozenset(hide)
         self._text_rules = tuple(rule for rule in self._rules if rule.checks_text)
         self._field_rules = tuple(rule for rule in self._text_rules if getattr(rule.rule, "scans_fields", False))
@@ -441,7 +445,10 @@ class StreamGuard:
         if self._completion_tokens is None or not self._ended:
             encode = self._encoding.encode_ordinary
             # What the model produced and the rules passed: hidden channels (final answer only) too.
-            self._completion_tokens = sum(len(encode(c.text_so_far())) for c in self._channels.values())
+            texts = dict(self._text_before)
+            for channel in self._channels.values():
+                texts[channel.name] = texts.get(channel.name, "") + channel.text_so_far()
+            self._completion_tokens = sum(len(encode(text)) for text in texts.values())
         return self._completion_tokens
 
     def sent_text(self) -> dict[str, str]:

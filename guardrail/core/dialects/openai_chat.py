@@ -94,7 +94,6 @@ class ChatStream:
         include_usage: the client asked for ``stream_options.include_usage``: a stream cut short
             (or one that never sent usage) ends with a usage chunk counting what the client got.
         prompt_tokens: the request's prompt tokens, for that chunk.
-        tokens_before: completion tokens the client got before this stream (a continuation's prefix).
         continuation: this stream continues one the client already has (a url fallback):
             every chunk takes ``identity``, and role deltas are dropped.
     """
@@ -110,7 +109,6 @@ class ChatStream:
         identity: Mapping[str, Any] | None = None,
         include_usage: bool = False,
         prompt_tokens: int | None = None,
-        tokens_before: int = 0,
         continuation: bool = False,
     ) -> None:
         self.framing = framing
@@ -122,7 +120,6 @@ class ChatStream:
         self.open_choices: dict[int, None] = {}  # insertion-ordered set
         self._owe_usage = include_usage
         self._prompt_tokens = prompt_tokens
-        self._tokens_before = tokens_before
         self._body: dict[str, Any] | None = None  # a whole body, as rewritten, until it goes out
         # Choices whose text the guard changed: their logprobs are dropped from then on, so that
         # the tokens a client joins are always a prefix of the text it got.
@@ -293,8 +290,16 @@ class ChatStream:
             self._has_identity = True
 
     def _adopt(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        """A continuation's chunk as the first stream carries it: its identity, no role delta."""
+        """A continuation's chunk as the first stream carries it: its identity, no role delta, no usage.
+
+        The other upstream's usage counts only its own answer: the guard writes the usage chunk
+        at the end instead, counting all the client received (see :meth:`_usage`).
+        """
         adopted = {**obj, **{key: value for key, value in self.template.items() if key in _TEMPLATE_KEYS}}
+        if adopted.get("usage"):
+            adopted["usage"] = None
+            if not adopted.get("choices"):
+                return None
         choices = adopted.get("choices")
         if type(choices) is not list:
             return adopted
@@ -383,7 +388,11 @@ class ChatStream:
         if self.framing is Framing.JSON:
             return self._end_body(ending, ledger)
         if isinstance(ending, Fail):
-            return encode_event(jsontext.dumps(_openai.error(ending.message, ending.error_type, ending.code)))
+            # The usage asked for goes first: after the error event the SDK reads nothing more. The
+            # message names the code too, for clients that keep only the message (litellm).
+            message = f"{ending.message} (code: {ending.code})"
+            error = encode_event(jsontext.dumps(_openai.error(message, ending.error_type, ending.code)))
+            return self._usage(ledger) + error
         parts = []
         if isinstance(ending, FallbackText):
             for index in list(self.open_choices) or [0]:
@@ -437,7 +446,6 @@ class ChatStream:
             return b""
         self._owe_usage = False
         prompt = self._prompt_tokens or 0
-        completion += self._tokens_before
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         return encode_event(jsontext.dumps({**self.template, "choices": [], "usage": usage}))
 
