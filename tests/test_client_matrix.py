@@ -1,0 +1,198 @@
+"""Every ending, read by every client: what each one sees (the README's client matrix).
+
+One app, one guarded chat endpoint; the requested model picks how the answer ends. Each client
+reads each ending through a real uvicorn server, and what it shows (its text and finish
+reason, or the exception it raises with the code) must be what the table says. The Python
+clients always run; the openai Node SDK runs where Node and npm are (installed once from the
+registry into a cache folder), and is skipped with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from starlette.responses import Response, StreamingResponse
+
+from guardrail.asgi import GuardrailMiddleware
+from guardrail.config import RuleSet
+from guardrail.core.rule import Action, BoundRule, Fallback
+from guardrail.rules.banned import BannedPatterns
+from guardrail.rules.budget import TokenBudget
+from guardrail.rules.timeout import IdleTimeout
+from guardrail.tokenizers import get_encoding
+from tests.apps import ChatChunks
+from tests.servers import serve_in_thread
+
+KEY = "sk-" + "Zq9Xw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe"
+CHAT = ChatChunks()
+BUDGET = 60  # completion tokens (the model's, a redacted key counted too); " Apollo" is one
+OPENING = "The plan is called"
+SORRY = "I can't talk about that."
+# model: (the answer's deltas, how the app ends it)
+ANSWERS: dict[str, tuple[list[str], str]] = {
+    "completed": ([OPENING, " Apollo."], "done"),
+    "redacted": ([OPENING, " Apollo, key ", KEY[:9], KEY[9:], "."], "done"),
+    "aborted": ([OPENING, " Project", " Starlight."], "done"),
+    "budget": ([OPENING, " Apollo" * 80], "done"),  # past the budget: BUDGET tokens
+    "fallback": ([OPENING, " Project Nightfall."], "done"),
+    "idle_timeout": ([OPENING], "stall"),
+    "truncated": ([OPENING], "cut"),
+    "app_error": ([OPENING], "raise"),
+}
+# ending: what each client shows — (text, finish reason) or "Exception(code)"
+PLAIN = {
+    "completed": (OPENING + " Apollo.", "stop"),
+    "redacted": (OPENING + " Apollo, key [redacted].", "stop"),
+    "aborted": (OPENING + " ", "content_filter"),
+    "budget": (OPENING + " Apollo" * (BUDGET - len(get_encoding("o200k_base").encode(OPENING))), "length"),
+    "fallback": (OPENING + " \n\n" + SORRY, "stop"),  # the space before "Project" had gone out
+    "idle_timeout": "APIError(idle_timeout)",
+    "truncated": "APIError(upstream_truncated)",
+    "app_error": "APIError(upstream_error)",
+}
+HELPER = {
+    **PLAIN,
+    "aborted": "ContentFilterFinishReasonError",
+    "budget": "LengthFinishReasonError",
+}
+NODE_SCRIPT = Path(__file__).parent / "node" / "openai_chat.mjs"
+NODE_OPENAI = "openai@6"
+
+
+class AppFailed(Exception):
+    pass
+
+
+def app() -> FastAPI:
+    api = FastAPI()
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        model = (await request.json())["model"]
+        deltas, how = ANSWERS[model]
+
+        async def body() -> AsyncIterator[bytes]:
+            yield CHAT.role()
+            for delta in deltas:
+                yield CHAT.content(delta)
+            if how == "stall":
+                await anyio.sleep(30)
+            elif how == "raise":
+                raise AppFailed("the model server went away")
+            elif how == "done":
+                yield CHAT.finish("stop")
+                yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    encoding = get_encoding("o200k_base")
+    rules = [
+        BoundRule("keys", BannedPatterns(patterns=[r"sk-[A-Za-z0-9]{20,}"]), Action.REDACT),
+        BoundRule("codename", BannedPatterns(phrases=["project starlight"]), Action.ABORT),
+        BoundRule(
+            "nightfall",
+            BannedPatterns(phrases=["project nightfall"]),
+            Action.FALLBACK,
+            fallback=Fallback("sorry", text=SORRY),
+        ),
+        BoundRule("budget", TokenBudget(encoding, max_tokens=BUDGET), Action.ABORT),
+        BoundRule("idle", IdleTimeout(0.5), Action.ABORT),
+    ]
+    api.add_middleware(GuardrailMiddleware, rules=RuleSet.from_rules(rules))
+    return api
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    with serve_in_thread(app()) as url:
+        yield url
+
+
+def _shown(error: Exception) -> str:
+    code = getattr(error, "code", None)
+    return f"{type(error).__name__}({code})" if code else type(error).__name__
+
+
+def read_sync(base_url: str, model: str) -> object:
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="k", max_retries=0, timeout=20) as client:
+        try:
+            chunks = list(
+                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], stream=True)
+            )
+        except openai.APIError as error:
+            return _shown(error)
+    text = "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+    reasons = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+    return (text, reasons[-1] if reasons else None)
+
+
+def read_async(base_url: str, model: str) -> object:
+    async def read() -> object:
+        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="k", max_retries=0, timeout=20) as client:
+            try:
+                stream = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                chunks = [chunk async for chunk in stream]
+            except openai.APIError as error:
+                return _shown(error)
+        text = "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+        reasons = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+        return (text, reasons[-1] if reasons else None)
+
+    return asyncio.run(read())
+
+
+def read_helper(base_url: str, model: str) -> object:
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="k", max_retries=0, timeout=20) as client:
+        try:
+            with client.chat.completions.stream(model=model, messages=[{"role": "user", "content": "hi"}]) as stream:
+                for _ in stream:
+                    pass
+                final = stream.get_final_completion()
+        except (openai.APIError, openai.OpenAIError) as error:
+            return _shown(error)
+    choice = final.choices[0]
+    return (choice.message.content or "", choice.finish_reason)
+
+
+@pytest.mark.parametrize("ending", list(ANSWERS))
+def test_the_python_clients_see_what_the_matrix_says(base_url: str, ending: str) -> None:
+    assert read_sync(base_url, ending) == PLAIN[ending], "openai, sync"
+    assert read_async(base_url, ending) == PLAIN[ending], "openai, async"
+    assert read_helper(base_url, ending) == HELPER[ending], "openai, .stream() helper"
+
+
+@pytest.fixture(scope="session")
+def node_openai() -> Path:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("Node and npm are not on this machine: the openai Node SDK cannot run")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "guardrail-tests" / NODE_OPENAI
+    if not (cache / "node_modules" / "openai" / "package.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "package.json").write_text('{"private": true, "type": "module"}\n')
+        install = [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", NODE_OPENAI]
+        done = subprocess.run(install, cwd=cache, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            pytest.skip(f"npm could not install {NODE_OPENAI}: {done.stderr.strip()[-300:]}")
+    shutil.copy(NODE_SCRIPT, cache / NODE_SCRIPT.name)
+    return cache
+
+
+def test_the_openai_node_sdk_sees_what_the_matrix_says(base_url: str, node_openai: Path) -> None:
+    command = ["node", NODE_SCRIPT.name, f"{base_url}/v1", *ANSWERS]
+    done = subprocess.run(command, cwd=node_openai, capture_output=True, text=True, timeout=120, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {ending: list(shown) if isinstance(shown, tuple) else shown for ending, shown in PLAIN.items()}
+    assert seen == expected
