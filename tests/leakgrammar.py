@@ -144,9 +144,12 @@ def chat_stream(rng: random.Random) -> bytes:
         if reason != "absent":
             choice["finish_reason"] = reason if (last and rng.random() < 0.5) or reason in ("", None) else None
         if with_logprobs and field in ("content", "refusal"):
-            # As servers send them with "logprobs": true: on every content and refusal chunk.
+            # As servers send them with "logprobs": true: on every content and refusal chunk; now
+            # and then (a hostile upstream) tokens that are not the chunk's text.
+            spelled = piece if rng.random() < 0.9 else text(rng)
             entries = [
-                {"token": t, "logprob": -0.1, "bytes": list(t.encode()), "top_logprobs": []} for t in cut(rng, piece, 3)
+                {"token": t, "logprob": -0.1, "bytes": list(t.encode()), "top_logprobs": []}
+                for t in cut(rng, spelled, 3)
             ]
             choice["logprobs"] = {field: entries}
         obj: dict[str, Any] = {**head, "choices": [choice]}
@@ -522,7 +525,7 @@ def completions_stream(rng: random.Random) -> bytes:
         if reason != "absent":
             choice["finish_reason"] = reason if (last and rng.random() < 0.5) or reason in ("", None) else None
         if with_logprobs:
-            tokens = cut(rng, piece, 3)
+            tokens = cut(rng, piece if rng.random() < 0.9 else text(rng), 3)
             choice["logprobs"] = {
                 "tokens": tokens,
                 "token_logprobs": [-0.1] * len(tokens),

@@ -54,3 +54,25 @@ def test_a_content_delta_is_one_piece_on_its_choices_content_channel() -> None:
     assert parsed.kind is EventKind.TEXT
     assert [(piece.channel, piece.text) for piece in parsed.pieces] == [("choices[2].content", " hi")]
     assert parsed.waits == ()
+
+
+def test_logprobs_that_do_not_spell_the_text_never_reach_the_client() -> None:
+    from guardrail.core.engine import StreamGuard
+    from guardrail.core.outputs import Send
+    from guardrail.core.rule import Action, BoundRule
+    from guardrail.rules.banned import BannedPatterns
+
+    key = "sk-" + "Zq9Xw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe"
+    rule = BoundRule("keys", BannedPatterns(patterns=[r"sk-[A-Za-z0-9]{20,}"]), Action.REDACT)
+
+    def chunk(text: str, tokens: list[str]) -> bytes:
+        entries = [{"token": t, "logprob": -0.1, "bytes": list(t.encode()), "top_logprobs": []} for t in tokens]
+        choice = {"index": 0, "delta": {"content": text}, "logprobs": {"content": entries}, "finish_reason": None}
+        return f"data: {json.dumps({'id': 'c', 'choices': [choice]})}\n\n".encode()
+
+    guard = StreamGuard([rule])
+    honest = chunk("Hello", ["Hel", "lo"])
+    hostile = chunk(" there", [" there", key[:12]]) + chunk(".", [".", key[12:]])
+    wire = b"".join(o.data for o in guard.feed(honest + hostile) + guard.close() if isinstance(o, Send))
+    assert wire.startswith(honest)  # tokens that spell the text pass as they came
+    assert key[:12].encode() not in wire and key[12:].encode() not in wire

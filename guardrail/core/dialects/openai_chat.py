@@ -171,9 +171,8 @@ class ChatStream:
             kind = EventKind.PASS if "choices" in obj or "usage" in obj else EventKind.UNKNOWN
             return Parsed(kind, frame, others=others, data=obj, detail="not a chat completion chunk")
         self._learn_identity(obj)
-        if self._altered:
-            obj, frame = self._without_logprobs(obj, choices, frame)
-            choices = obj["choices"]
+        obj, frame = self._without_logprobs(obj, choices, frame)
+        choices = obj["choices"]
         quick = self._quick(frame, obj, choices, sse_others)
         if quick is not None:
             return quick
@@ -267,21 +266,37 @@ class ChatStream:
         choices = obj.get("choices")
         if type(choices) is not list:
             return Parsed(EventKind.UNKNOWN, frame, others=tuple(jsontext.strings(obj)), detail="no choices")
-        parsed = self._parse_chunk(frame, obj, choices, (), "message")
+        obj, frame = self._without_logprobs(obj, choices, frame)
+        parsed = self._parse_chunk(frame, obj, obj["choices"], (), "message")
         return parsed._replace(waits=())
 
     def _without_logprobs(self, obj: dict[str, Any], choices: list[Any], frame: bytes) -> tuple[dict[str, Any], bytes]:
-        """``obj`` without the logprobs of altered choices (and its bytes), or as it is."""
+        """``obj`` without the logprobs of altered choices and of those whose tokens are not the
+        chunk's text (the rules read the text), and its bytes; or as it is."""
         drop: dict[jsontext.Path, object] = {}
         for pos, choice in enumerate(choices):
             if type(choice) is dict and choice.get("logprobs") is not None:
                 index = choice.get("index", pos)
-                if (index if type(index) is int else pos) in self._altered:
+                if (index if type(index) is int else pos) in self._altered or not self._spelled(choice):
                     drop[("choices", pos, "logprobs")] = None
         if not drop:
             return obj, frame
         obj = jsontext.replace_paths(obj, drop)
         return obj, encode_event(jsontext.dumps(obj))
+
+    def _spelled(self, choice: dict[str, Any]) -> bool:
+        """Whether a choice's logprobs tokens (and their bytes) spell exactly its text in this chunk."""
+        logprobs, delta = choice.get("logprobs"), choice.get("delta", choice.get("message"))
+        if type(logprobs) is not dict or type(delta) is not dict:
+            return False
+        for kind in ("content", "refusal"):
+            entries = logprobs.get(kind)
+            if entries is None:
+                continue
+            text = delta.get(kind)
+            if type(entries) is not list or not _spells(entries, text if type(text) is str else ""):
+                return False
+        return True
 
     def _learn_identity(self, obj: dict[str, Any]) -> None:
         if not self._has_identity and obj.get("id"):
@@ -579,3 +594,20 @@ def _call_carries_something(call: object) -> bool:
         return True
     function = call.get("function")
     return type(function) is dict and any(value not in (None, "") for value in function.values())
+
+
+def _spells(entries: list[Any], text: str) -> bool:
+    """Whether logprobs entries' tokens, and their bytes where given, join to exactly ``text``."""
+    tokens: list[str] = []
+    raw = bytearray()
+    for entry in entries:
+        token = entry.get("token") if type(entry) is dict else None
+        if type(token) is not str:
+            return False
+        tokens.append(token)
+        spelled = entry.get("bytes")
+        if spelled is not None:
+            if type(spelled) is not list or not all(type(b) is int and 0 <= b < 256 for b in spelled):
+                return False
+            raw.extend(spelled)
+    return "".join(tokens) == text and (not raw or bytes(raw) == text.encode())

@@ -53,6 +53,14 @@ class CompletionsStream(ChatStream):
         chunk = {**self.template, "choices": [{"index": choice, "text": text, "logprobs": None, "finish_reason": None}]}
         return encode_event(jsontext.dumps(chunk))
 
+    def _spelled(self, choice: dict[str, Any]) -> bool:
+        """Whether a choice's logprobs ``tokens`` join to exactly its ``text`` in this chunk."""
+        logprobs, text = choice.get("logprobs"), choice.get("text")
+        tokens = logprobs.get("tokens") if type(logprobs) is dict else None
+        if type(tokens) is not list or not all(type(token) is str for token in tokens):
+            return False
+        return "".join(tokens) == (text if type(text) is str else "")
+
     def _chunk(self, choice: dict[str, Any]) -> bytes:
         # Completions choices have no delta: the text (empty on a finish) is the choice's own.
         choice = {key: value for key, value in choice.items() if key != "delta"}
