@@ -285,6 +285,15 @@ def responses_stream(rng: random.Random) -> bytes:
 
     head = {"id": "resp_1", "object": "response", "created_at": 1, "model": "m"}
     emit("response.created", response={**head, "status": "in_progress", "output": []})
+    with_logprobs = rng.random() < 0.3
+
+    def logprobs(value: str) -> dict[str, Any]:
+        # With "include": ["message.output_text.logprobs"]; now and then tokens that are not the text.
+        if not with_logprobs:
+            return {}
+        spelled = value if rng.random() < 0.9 else text(rng)
+        return {"logprobs": [{"token": t, "bytes": list(t.encode()), "logprob": -0.1} for t in cut(rng, spelled, 3)]}
+
     output: list[dict[str, Any]] = []
     for index in range(rng.randint(1, 3)):
         shape = rng.choice(["message", "message", "function_call", "reasoning"])
@@ -306,8 +315,8 @@ def responses_stream(rng: random.Random) -> bytes:
                 value = text(rng)
                 prefix = "response.output_text" if kind == "output_text" else "response.refusal"
                 for piece in cut(rng, value):
-                    emit(f"{prefix}.delta", **where, delta=piece)
-                emit(f"{prefix}.done", **where, **{field: value})
+                    emit(f"{prefix}.delta", **where, delta=piece, **(logprobs(piece) if kind == "output_text" else {}))
+                emit(f"{prefix}.done", **where, **{field: value}, **(logprobs(value) if kind == "output_text" else {}))
                 emit("response.content_part.done", **where, part={"type": kind, field: value})
                 parts.append({"type": kind, field: value})
             item = {**item, "status": "completed", "content": parts}
@@ -363,7 +372,13 @@ def responses_client(wire: bytes) -> list[str]:
         if isinstance(obj, dict) and isinstance(obj.get("type"), str) and obj["type"].endswith(".delta"):
             key = f"{obj['type']}:{obj.get('output_index')}:{obj.get('content_index')}:{obj.get('summary_index')}"
             joined[key] = joined.get(key, "") + str(obj.get("delta", ""))
-            obj = {k: v for k, v in obj.items() if k != "delta"}
+            tokens = "".join(str(e.get("token", "")) for e in obj.get("logprobs") or () if isinstance(e, dict))
+            joined[key + ":tokens"] = joined.get(key + ":tokens", "") + tokens
+            obj = {k: v for k, v in obj.items() if k not in ("delta", "logprobs")}
+        elif isinstance(obj, dict) and isinstance(obj.get("logprobs"), list):
+            # A done event's tokens, joined as a client joins them
+            seen.append("".join(str(e.get("token", "")) for e in obj["logprobs"] if isinstance(e, dict)))
+            obj = {k: v for k, v in obj.items() if k != "logprobs"}
         seen.extend(_strings(obj))
     return seen + list(joined.values())
 

@@ -294,7 +294,7 @@ class ChatStream:
             if entries is None:
                 continue
             text = delta.get(kind)
-            if type(entries) is not list or not _spells(entries, text if type(text) is str else ""):
+            if type(entries) is not list or not _openai.spells(entries, text if type(text) is str else ""):
                 return False
         return True
 
@@ -594,20 +594,3 @@ def _call_carries_something(call: object) -> bool:
         return True
     function = call.get("function")
     return type(function) is dict and any(value not in (None, "") for value in function.values())
-
-
-def _spells(entries: list[Any], text: str) -> bool:
-    """Whether logprobs entries' tokens, and their bytes where given, join to exactly ``text``."""
-    tokens: list[str] = []
-    raw = bytearray()
-    for entry in entries:
-        token = entry.get("token") if type(entry) is dict else None
-        if type(token) is not str:
-            return False
-        tokens.append(token)
-        spelled = entry.get("bytes")
-        if spelled is not None:
-            if type(spelled) is not list or not all(type(b) is int and 0 <= b < 256 for b in spelled):
-                return False
-            raw.extend(spelled)
-    return "".join(tokens) == text and (not raw or bytes(raw) == text.encode())

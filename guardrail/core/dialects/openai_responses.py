@@ -239,7 +239,10 @@ class ResponsesStream:
                 return Parsed(EventKind.PASS, frame, others=(*others, *jsontext.strings(text)), data=obj)
             piece = Piece(delta[2](obj), text, ("delta",), delta[1], kind == "response.function_call_arguments.delta")
             self._channels.add(piece.channel)
-            return Parsed(EventKind.TEXT, frame, (piece,) if text else (), others, data=obj)
+            # Logprobs that do not spell the delta go out only re-rendered, without them.
+            logprobs = obj.get("logprobs")
+            derived = bool(logprobs) and not (type(logprobs) is list and _openai.spells(logprobs, text))
+            return Parsed(EventKind.TEXT, frame, (piece,) if text else (), others, data=obj, derived=derived)
         done = _DONES.get(kind)
         if done is not None:
             field, _, channel = done
@@ -328,12 +331,14 @@ class ResponsesStream:
                 return b""
             return jsontext.dumps(body).encode()
         kind = obj["type"]
+        # Logprobs repeat the original text token by token: never written again with other text.
+        no_logprobs: dict[str, Any] = {"logprobs": []} if "logprobs" in obj else {}
         if kind in _DELTAS:
             text = texts.get(0, "")
-            return self._event({**obj, "delta": text}) if text else b""
+            return self._event({**obj, "delta": text, **no_logprobs}) if text else b""
         if kind in _DONES:
             field, _, channel = _DONES[kind]
-            return self._event({**obj, field: ledger.sent(channel(obj))})
+            return self._event({**obj, field: ledger.sent(channel(obj)), **no_logprobs})
         return self._event(self._with_client_text(obj, ledger))
 
     def closing(self, parsed: Parsed, ledger: Ledger) -> bytes:
