@@ -477,11 +477,15 @@ def ollama_stream(rng: random.Random) -> bytes:
     lines: list[dict[str, Any]] = []
     plan = [(field, piece) for field in ("content", "thinking") for piece in cut(rng, text(rng)) if rng.random() < 0.9]
     rng.shuffle(plan) if rng.random() < 0.2 else None
+    with_logprobs = rng.random() < 0.3
     for field, piece in plan:
         message: dict[str, Any] = {"role": "assistant", "content": "", field: piece}
         if rng.random() < 0.05:
             message["tool_calls"] = [{"function": {"name": "f", "arguments": {"q": text(rng)}}}]
         line: dict[str, Any] = {**head, "message": message, "done": False}
+        if field == "content" and with_logprobs:  # on every content line; now and then not the text
+            spelled = piece if rng.random() < 0.9 else text(rng)
+            line["logprobs"] = [{"token": t, "logprob": -0.1, "bytes": list(t.encode())} for t in cut(rng, spelled, 3)]
         if rng.random() < 0.03:
             line[rng.choice(["x_note", text(rng)])] = text(rng)
         lines.append(line)
@@ -517,6 +521,10 @@ def ollama_client(wire: bytes) -> list[str]:
                 if isinstance(message.get(field), str):
                     joined[field] = joined.get(field, "") + message[field]
             obj = {**obj, "message": {k: v for k, v in message.items() if k not in ("content", "thinking")}}
+        if isinstance(obj, dict) and isinstance(obj.get("logprobs"), list):
+            tokens = "".join(str(e.get("token", "")) for e in obj["logprobs"] if isinstance(e, dict))
+            joined["tokens"] = joined.get("tokens", "") + tokens
+            obj = {k: v for k, v in obj.items() if k != "logprobs"}
         seen.extend(_strings(obj))
     return seen + list(joined.values())
 

@@ -75,3 +75,20 @@ def whole_strings(
             stack.extend((f"{name}.{key}", (*where, key), child) for key, child in node.items())
         elif type(node) is list:
             stack.extend((f"{name}[{i}]", (*where, i), child) for i, child in enumerate(node))
+
+
+def spells(entries: list[Any], text: str) -> bool:
+    """Whether logprobs entries' tokens, and their bytes where given, join to exactly ``text``."""
+    tokens: list[str] = []
+    raw = bytearray()
+    for entry in entries:
+        token = entry.get("token") if type(entry) is dict else None
+        if type(token) is not str:
+            return False
+        tokens.append(token)
+        spelled = entry.get("bytes")
+        if spelled is not None:
+            if type(spelled) is not list or not all(type(b) is int and 0 <= b < 256 for b in spelled):
+                return False
+            raw.extend(spelled)
+    return "".join(tokens) == text and (not raw or bytes(raw) == text.encode())

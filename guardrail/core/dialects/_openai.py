@@ -62,20 +62,3 @@ def chat_prompt_tokens(payload: Mapping[str, Any], count: Callable[[str], int]) 
             content = [part for part in content if isinstance(part, dict) and part.get("type") == "text"]
         total += sum(count(text) for text in texts(content))
     return total
-
-
-def spells(entries: list[Any], text: str) -> bool:
-    """Whether logprobs entries' tokens, and their bytes where given, join to exactly ``text``."""
-    tokens: list[str] = []
-    raw = bytearray()
-    for entry in entries:
-        token = entry.get("token") if type(entry) is dict else None
-        if type(token) is not str:
-            return False
-        tokens.append(token)
-        spelled = entry.get("bytes")
-        if spelled is not None:
-            if type(spelled) is not list or not all(type(b) is int and 0 <= b < 256 for b in spelled):
-                return False
-            raw.extend(spelled)
-    return "".join(tokens) == text and (not raw or bytes(raw) == text.encode())

@@ -174,8 +174,10 @@ class GeminiStream:
                         derived = derived or index in self._changed
                     else:
                         others.extend(jsontext.strings(field, skip_keys=_KNOWN_KEYS))
-                if "logprobsResult" in candidate and not _tokens_match(candidate):
-                    # Tokens that are not this chunk's text: never passed on (the rules read the text).
+                if "logprobsResult" in candidate and (index in self._changed or not _tokens_match(candidate)):
+                    # Tokens that are not this chunk's text: never passed on (the rules read the
+                    # text), and none from then on, so that joined tokens stay a prefix of it.
+                    self._changed.add(index)
                     value[position] = {k: v for k, v in candidate.items() if k not in _DERIVED}
                     derived = True
                 reason = candidate.get("finishReason")

@@ -30,7 +30,7 @@ from guardrail.core.dialect import (
     Stop,
     StopReason,
 )
-from guardrail.core.dialects._events import whole_strings
+from guardrail.core.dialects._events import spells, whole_strings
 
 NAME = "ollama"
 _REASONS = {StopReason.POLICY: "content_filter", StopReason.LENGTH: "length"}
@@ -83,6 +83,7 @@ class OllamaStream:
         self._head: dict[str, Any] = {"model": model if isinstance(model, str) else "", "created_at": ""}
         self._body: dict[str, Any] | None = None
         self._calls = 0  # tool calls seen: each one's strings get channels of their own
+        self._no_logprobs = False  # logprobs were dropped once: they are from then on
 
     def parse(self, frame: bytes, fields: Any = None) -> Parsed:
         if not frame.strip():
@@ -122,7 +123,11 @@ class OllamaStream:
             return Parsed(EventKind.TEXT, frame, tuple(pieces), tuple(others), calls, data=obj, waits=("",))
         event = EventKind.TEXT if pieces else EventKind.PASS
         calls = tuple(dict.fromkeys(piece.channel for piece in pieces if piece.channel.startswith("tool_call[")))
-        return Parsed(event, frame, tuple(pieces), tuple(others), calls, data=obj)
+        # Logprobs that do not spell the line's answer text go out only re-rendered, without them,
+        # and none from then on (nor after a line the guard rewrote): joined tokens stay a prefix.
+        derived = "logprobs" in obj and (self._no_logprobs or not _spelled(obj))
+        self._no_logprobs = self._no_logprobs or derived
+        return Parsed(event, frame, tuple(pieces), tuple(others), calls, data=obj, derived=derived)
 
     def _read_message(self, pieces: list[Piece], others: list[str], message: dict[str, Any]) -> None:
         for key, value in message.items():
@@ -152,6 +157,9 @@ class OllamaStream:
         replacements: dict[jsontext.Path, object] = {
             piece.path: texts.get(n, "") for n, piece in enumerate(parsed.pieces)
         }
+        if "logprobs" in obj:
+            replacements[("logprobs",)] = jsontext.DROP  # tokens of the original text
+            self._no_logprobs = True
         out = jsontext.replace_paths(obj, replacements)
         if not closing and out.get("done") is True:
             # The final line goes after the held text (see closing): this part carries the text only.
@@ -215,3 +223,11 @@ class OllamaStream:
                 message["content"] = str(message.get("content", "")) + ending.text
                 body = {**body, "message": message}
         return _line(body)
+
+
+def _spelled(obj: dict[str, Any]) -> bool:
+    """Whether a line's logprobs tokens (and bytes) spell exactly its answer text."""
+    message = obj.get("message")
+    text = obj.get("response") if "response" in obj else message.get("content") if type(message) is dict else None
+    logprobs = obj.get("logprobs")
+    return type(logprobs) is list and spells(logprobs, text if type(text) is str else "")

@@ -38,6 +38,7 @@ from guardrail.core.dialect import (
     StopReason,
 )
 from guardrail.core.dialects import _openai
+from guardrail.core.dialects._events import spells
 from guardrail.core.sse import SSEEvent, encode_event
 
 NAME = "openai_chat"
@@ -277,7 +278,10 @@ class ChatStream:
         for pos, choice in enumerate(choices):
             if type(choice) is dict and choice.get("logprobs") is not None:
                 index = choice.get("index", pos)
-                if (index if type(index) is int else pos) in self._altered or not self._spelled(choice):
+                index = index if type(index) is int else pos
+                if index in self._altered or not self._spelled(choice):
+                    # From then on: the tokens a client joins stay a prefix of the choice's text.
+                    self._altered.add(index)
                     drop[("choices", pos, "logprobs")] = None
         if not drop:
             return obj, frame
@@ -294,7 +298,7 @@ class ChatStream:
             if entries is None:
                 continue
             text = delta.get(kind)
-            if type(entries) is not list or not _openai.spells(entries, text if type(text) is str else ""):
+            if type(entries) is not list or not spells(entries, text if type(text) is str else ""):
                 return False
         return True
 

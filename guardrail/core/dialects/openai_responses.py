@@ -44,7 +44,7 @@ from guardrail.core.dialect import (
     StopReason,
 )
 from guardrail.core.dialects import _openai
-from guardrail.core.dialects._events import event_object, read_named, reencoded
+from guardrail.core.dialects._events import event_object, read_named, reencoded, spells
 from guardrail.core.sse import SSEEvent, encode_event
 
 NAME = "openai_responses"
@@ -140,6 +140,7 @@ class ResponsesStream:
     ) -> None:
         self.framing = framing
         self.complete = framing is Framing.JSON  # a stream is over only with its terminal event
+        self._no_logprobs: set[str] = set()  # channels whose logprobs were dropped: from then on
         self._echo = frozenset(jsontext.strings(request)) if request else frozenset()
         self._response: dict[str, Any] = {
             "id": f"resp_guardrail_{uuid.uuid4().hex[:24]}",
@@ -239,9 +240,13 @@ class ResponsesStream:
                 return Parsed(EventKind.PASS, frame, others=(*others, *jsontext.strings(text)), data=obj)
             piece = Piece(delta[2](obj), text, ("delta",), delta[1], kind == "response.function_call_arguments.delta")
             self._channels.add(piece.channel)
-            # Logprobs that do not spell the delta go out only re-rendered, without them.
+            # Logprobs that do not spell the delta go out only re-rendered, without them, and none
+            # on the channel from then on (nor after a delta the guard rewrote).
             logprobs = obj.get("logprobs")
-            derived = bool(logprobs) and not (type(logprobs) is list and _openai.spells(logprobs, text))
+            spelled = type(logprobs) is list and spells(logprobs, text)
+            derived = bool(logprobs) and (piece.channel in self._no_logprobs or not spelled)
+            if derived:
+                self._no_logprobs.add(piece.channel)
             return Parsed(EventKind.TEXT, frame, (piece,) if text else (), others, data=obj, derived=derived)
         done = _DONES.get(kind)
         if done is not None:
@@ -334,6 +339,8 @@ class ResponsesStream:
         # Logprobs repeat the original text token by token: never written again with other text.
         no_logprobs: dict[str, Any] = {"logprobs": []} if "logprobs" in obj else {}
         if kind in _DELTAS:
+            if no_logprobs:
+                self._no_logprobs.add(parsed.pieces[0].channel if parsed.pieces else "")
             text = texts.get(0, "")
             return self._event({**obj, "delta": text, **no_logprobs}) if text else b""
         if kind in _DONES:
