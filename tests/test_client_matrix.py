@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import anyio
 import openai
@@ -67,6 +68,13 @@ HELPER = {
 }
 NODE_SCRIPT = Path(__file__).parent / "node" / "openai_chat.mjs"
 NODE_OPENAI = "openai@6"
+AI_SDK_SCRIPT = Path(__file__).parent / "node" / "ai_sdk_chat.mjs"
+AI_SDK = ("ai@6", "@ai-sdk/openai@3")  # the newest majors that run on Node 20
+# The AI SDK's finish reasons, and its error parts (their message names the guard's code).
+AI_SDK_SEEN = {
+    ending: [shown[0], shown[1].replace("_", "-"), []] if isinstance(shown, tuple) else [OPENING, "error", [shown]]
+    for ending, shown in PLAIN.items()
+}
 
 
 class AppFailed(Exception):
@@ -173,26 +181,45 @@ def test_the_python_clients_see_what_the_matrix_says(base_url: str, ending: str)
     assert read_helper(base_url, ending) == HELPER[ending], "openai, .stream() helper"
 
 
-@pytest.fixture(scope="session")
-def node_openai() -> Path:
+def node_packages(folder: str, packages: tuple[str, ...], script: Path) -> Path:
+    """A cache folder with ``packages`` installed from the registry and ``script`` in it, or a skip."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        pytest.skip("Node and npm are not on this machine: the openai Node SDK cannot run")
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "guardrail-tests" / NODE_OPENAI
-    if not (cache / "node_modules" / "openai" / "package.json").exists():
+        pytest.skip("Node and npm are not on this machine: the Node clients cannot run")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "guardrail-tests" / folder
+    stamp = cache / "installed.txt"
+    if not stamp.exists() or stamp.read_text() != " ".join(packages):
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "package.json").write_text('{"private": true, "type": "module"}\n')
-        install = [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", NODE_OPENAI]
+        install = [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", *packages]
         done = subprocess.run(install, cwd=cache, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            pytest.skip(f"npm could not install {NODE_OPENAI}: {done.stderr.strip()[-300:]}")
-    shutil.copy(NODE_SCRIPT, cache / NODE_SCRIPT.name)
+            pytest.skip(f"npm could not install {' '.join(packages)}: {done.stderr.strip()[-300:]}")
+        stamp.write_text(" ".join(packages))
+    shutil.copy(script, cache / script.name)
     return cache
 
 
-def test_the_openai_node_sdk_sees_what_the_matrix_says(base_url: str, node_openai: Path) -> None:
-    command = ["node", NODE_SCRIPT.name, f"{base_url}/v1", *ANSWERS]
-    done = subprocess.run(command, cwd=node_openai, capture_output=True, text=True, timeout=120, check=True)
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+def run_node(folder: Path, script: Path, base_url: str) -> dict[str, object]:
+    command = ["node", script.name, f"{base_url}/v1", *ANSWERS]
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=120, check=True)
+    seen: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return seen
+
+
+def test_the_openai_node_sdk_sees_what_the_matrix_says(base_url: str) -> None:
+    folder = node_packages(NODE_OPENAI, (NODE_OPENAI,), NODE_SCRIPT)
     expected = {ending: list(shown) if isinstance(shown, tuple) else shown for ending, shown in PLAIN.items()}
-    assert seen == expected
+    assert run_node(folder, NODE_SCRIPT, base_url) == expected
+
+
+def test_the_vercel_ai_sdk_sees_what_the_matrix_says(base_url: str) -> None:
+    folder = node_packages("ai-sdk-openai", AI_SDK, AI_SDK_SCRIPT)
+    seen = run_node(folder, AI_SDK_SCRIPT, base_url)
+    for ending, (text, finish, errors) in AI_SDK_SEEN.items():
+        got_text, got_finish, got_errors = cast(list[Any], seen[ending])
+        assert (got_text, got_finish) == (text, finish), ending
+        codes = [error.split("(")[1].rstrip(")") for error in errors]
+        assert len(got_errors) == len(codes) and all(
+            f"(code: {c})" in e for c, e in zip(codes, got_errors, strict=True)
+        )
