@@ -71,8 +71,8 @@ NODE_OPENAI = "openai@6"
 AI_SDK_SCRIPT = Path(__file__).parent / "node" / "ai_sdk_chat.mjs"
 AI_SDK = ("ai@6", "@ai-sdk/openai@3")  # the newest majors that run on Node 20
 # The AI SDK's finish reasons, and its error parts (their message names the guard's code).
-AI_SDK_SEEN = {
-    ending: [shown[0], shown[1].replace("_", "-"), []] if isinstance(shown, tuple) else [OPENING, "error", [shown]]
+AI_SDK_SEEN: dict[str, tuple[str, str, list[str]]] = {
+    ending: (shown[0], shown[1].replace("_", "-"), []) if isinstance(shown, tuple) else (OPENING, "error", [shown])
     for ending, shown in PLAIN.items()
 }
 
