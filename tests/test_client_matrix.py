@@ -51,7 +51,7 @@ ANSWERS: dict[str, tuple[list[str], str]] = {
     "app_error": ([OPENING], "raise"),
 }
 # ending: what each client shows — (text, finish reason) or "Exception(code)"
-PLAIN = {
+PLAIN: dict[str, tuple[str, str] | str] = {
     "completed": (OPENING + " Apollo.", "stop"),
     "redacted": (OPENING + " Apollo, key [redacted].", "stop"),
     "aborted": (OPENING + " ", "content_filter"),
