@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -179,6 +180,41 @@ def test_the_python_clients_see_what_the_matrix_says(base_url: str, ending: str)
     assert read_sync(base_url, ending) == PLAIN[ending], "openai, sync"
     assert read_async(base_url, ending) == PLAIN[ending], "openai, async"
     assert read_helper(base_url, ending) == HELPER[ending], "openai, .stream() helper"
+
+
+OPENAI_1 = "openai<2"  # the last 1.x, beside the latest major this environment has
+
+
+@pytest.fixture(scope="session")
+def openai_1() -> Path:
+    """A folder with the newest openai 1.x in it (installed once with pip), or a skip saying why not."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "guardrail-tests" / "openai-1"
+    if not (folder / "openai" / "__init__.py").exists():
+        install = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), "--no-deps"]
+        done = subprocess.run([*install, OPENAI_1, "distro", "tqdm"], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            pytest.skip(f"pip could not install {OPENAI_1}: {done.stderr.strip()[-300:]}")
+    return folder
+
+
+def test_openai_python_1x_sees_what_the_matrix_says(base_url: str, openai_1: Path) -> None:
+    # In a process of its own, openai 1.x first on the path (its dependencies are this environment's).
+    script = (
+        "import json, sys, openai\n"
+        "from tests.test_client_matrix import ANSWERS, read_helper, read_sync\n"
+        "seen = {e: [read_sync(sys.argv[1], e), read_helper(sys.argv[1], e)] for e in ANSWERS}\n"
+        "print(json.dumps({'version': openai.__version__, 'seen': seen}))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openai_1), str(root)])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, base_url], capture_output=True, text=True, timeout=120, env=env, check=True
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["version"].startswith("1.")
+    for ending, (plain, helper) in result["seen"].items():
+        assert plain == (list(PLAIN[ending]) if isinstance(PLAIN[ending], tuple) else PLAIN[ending]), ending
+        assert helper == (list(HELPER[ending]) if isinstance(HELPER[ending], tuple) else HELPER[ending]), ending
 
 
 def node_packages(folder: str, packages: tuple[str, ...], script: Path) -> Path:
