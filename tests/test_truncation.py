@@ -101,7 +101,7 @@ def test_the_anthropic_sdk_raises(served: tuple[str, list[StreamRecord]]) -> Non
                     model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}], stream=True
                 )
             )
-    assert "cut short" in str(raised.value)
+    assert "(code: upstream_truncated)" in str(raised.value)
     assert last_outcome(records) == "upstream_error"
 
 
@@ -110,7 +110,7 @@ def test_the_ollama_client_raises(served: tuple[str, list[StreamRecord]]) -> Non
     with ollama.Client(host=base_url) as client:
         with pytest.raises(ollama.ResponseError) as raised:
             list(client.chat(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
-    assert "cut short" in str(raised.value)
+    assert "(code: upstream_truncated)" in str(raised.value)
     assert last_outcome(records) == "upstream_error"
 
 

@@ -123,6 +123,12 @@ class Fail:
     message: str
     error_type: str = "guardrail_error"
 
+    @property
+    def coded_message(self) -> str:
+        """The message with the code in it, for envelopes without a code field and clients that
+        keep only the message."""
+        return f"{self.message} (code: {self.code})"
+
 
 Ending = Stop | FallbackText | Fail
 

@@ -279,7 +279,7 @@ class MessagesStream:
             return parsed.raw if parsed is not None else b""
         if isinstance(ending, Fail):
             kind = "overloaded_error" if ending.code == "upstream_error" else "api_error"
-            return self._event({"type": "error", "error": {"type": kind, "message": ending.message}})
+            return self._event({"type": "error", "error": {"type": kind, "message": ending.coded_message}})
         parts = [] if self._started else [self._event({"type": "message_start", "message": self._message})]
         for index in list(self._open):
             parts.append(self._event({"type": "content_block_stop", "index": index}))
@@ -305,7 +305,7 @@ class MessagesStream:
 
     def _end_body(self, ending: Ending | None, ledger: Ledger) -> bytes:
         if isinstance(ending, Fail):
-            return DIALECT.error_body(502, ending.code, ending.message)
+            return DIALECT.error_body(502, ending.code, ending.coded_message)
         body = self._body
         if body is None:
             return b""

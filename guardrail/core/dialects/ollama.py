@@ -187,7 +187,7 @@ class OllamaStream:
         if ending is None:
             return parsed.raw if parsed is not None else b""
         if isinstance(ending, Fail):
-            return _line({"error": ending.message})
+            return _line({"error": ending.coded_message})
         parts = []
         reason = "stop"
         if isinstance(ending, FallbackText):
@@ -209,7 +209,7 @@ class OllamaStream:
 
     def _end_body(self, ending: Ending | None, ledger: Ledger) -> bytes:
         if isinstance(ending, Fail):
-            return _line({"error": ending.message})
+            return _line({"error": ending.coded_message})
         body = self._body
         if body is None:
             return b""

@@ -409,7 +409,7 @@ class ChatStream:
         if isinstance(ending, Fail):
             # The usage asked for goes first: after the error event the SDK reads nothing more. The
             # message names the code too, for clients that keep only the message (litellm).
-            message = f"{ending.message} (code: {ending.code})"
+            message = ending.coded_message
             error = encode_event(jsontext.dumps(_openai.error(message, ending.error_type, ending.code)))
             return self._usage(ledger) + error
         parts = []
