@@ -19,6 +19,7 @@ from pathlib import Path
 
 import concurrency
 import e2e
+import floor
 import holdback
 import metrics_overhead
 import naive
@@ -49,12 +50,16 @@ class Everything:
     holdback: holdback.HoldbackResults
     profile: profile_hot_path.Profile
     metrics: dict[str, float]
+    floor: floor.Results
 
 
 def goals(results: Everything) -> list[Goal]:
     found: list[Goal] = []
     ratio = results.e2e.ratio
     found.append(Goal("(c) guarded throughput end to end ≥ 0.6× unguarded", f"{ratio:.2f}×", ratio >= 0.6))
+    engine, asgi = floor.ratios(results.floor)
+    found.append(Goal("(g) guardrail ÷ floor ≤ 2.0, engine alone", f"{engine:.2f}×", engine <= 2.0))
+    found.append(Goal("(g) guardrail ÷ floor ≤ 2.0, through ASGI", f"{asgi:.2f}×", asgi <= 2.0))
     paired = results.per_delta.paired
     for attribute, label in (("engine", "engine"), ("middleware", "through the middleware")):
         value = getattr(paired, f"{attribute}_ratio") if paired is not None else None
@@ -223,6 +228,12 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
     sections += [
         "cProfile, top 10 functions (every call traced: small Python functions look costlier than they are):",
         profile_hot_path.table(prof.cprofile, prof, 10),
+        "## (g) The floor (`bench/floor.py`)",
+        "What the cheapest correct-ish Python guard pays per delta on this workload, step by step (each a "
+        "superset of the one before), beside guardrail with the same rule file; CPU time, median of 9 "
+        "interleaved rounds of 2,000 deltas (spread in brackets). Streams per process: one core's CPU "
+        f"divided by the cost at {MODEL_PACE:g} deltas/s, an estimate rather than a load test.",
+        floor.table(results.floor),
         "## Metrics overhead (`bench/metrics_overhead.py`, issue 5)",
         "The same streams through `GuardrailMiddleware` reporting to a real `GuardMetrics` and to one whose "
         "methods do nothing, alternating; median CPU time per delta.",
@@ -257,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> Everything:
     pf = profile_hot_path.main(["--top", "10"])
     step("metrics overhead")
     mo = metrics_overhead.main(["--rules", str(bench_rules()), "--deltas", "3000", "--rounds", "9"])
-    results = Everything(pd, nv, ee, cc, hb, pf, mo)
+    step("(g) the floor")
+    fl = floor.main(["--deltas", "2000", "--rounds", "9"])
+    results = Everything(pd, nv, ee, cc, hb, pf, mo, fl)
     seconds = time.perf_counter() - start
     load_at_end = machine_info().get("load average (1, 5, 15 min)", "")
     if load_at_start:
