@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from guardrail.client import DEFAULT_MODEL, DEFAULT_URL
 from guardrail.packs import DEFAULT_PACK, DISTRIBUTION
 
 if TYPE_CHECKING:
@@ -275,11 +276,11 @@ def replay(
 @click.argument("prompt")
 @click.option(
     "--url",
-    default="http://127.0.0.1:8000",
+    default=DEFAULT_URL,
     show_default=True,
     help="The guard's base URL: `make run`'s address by default.",
 )
-@click.option("--model", default="guardrail-demo", show_default=True, help="The model to ask for.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="The model to ask for.")
 @click.option(
     "--api-key",
     envvar="OPENAI_API_KEY",
@@ -304,12 +305,18 @@ def try_prompt(prompt: str, url: str, model: str, api_key: str | None) -> None:
     """
     from guardrail.client import GuardUnreachable, ask, describe_rules
 
+    last = [""]  # the end of what was printed: the summary follows after one blank line
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+        last[0] = text[-1]
+
     try:
-        answer = ask(prompt, lambda text: click.echo(text, nl=False), url=url, model=model, api_key=api_key)
+        answer = ask(prompt, write, url=url, model=model, api_key=api_key)
     except GuardUnreachable as exc:
         click.echo(f"{exc}: start one with `make run` or `guardrail serve`, or give its address with --url", err=True)
         raise SystemExit(1) from None
-    click.echo("\n")
+    click.echo("" if last[0] == "\n" else "\n")
     if answer.status != 200:
         click.echo(f"HTTP status: {answer.status}")
     if answer.error is not None:

@@ -138,7 +138,7 @@ class ServeSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
-        """Read the settings from ``GUARDRAIL_RULES`` and ``GUARDRAIL_UPSTREAM``.
+        """Read the settings from the ``GUARDRAIL_*`` variables (see the module docstring).
 
         Args:
             environ: the environment; ``os.environ`` if None.
