@@ -427,3 +427,24 @@ def test_fallback_text_starts_after_a_separator_only_when_the_client_has_text() 
     assert client_text("", cut) == "The plan is called I can't talk about that."
     assert client_text(" — ", cut) == "The plan is called  — I can't talk about that."
     assert client_text(None, ["Project Starlight."]) == "I can't talk about that."  # nothing before it
+
+
+def test_a_failing_rule_is_named_to_the_client_but_its_message_is_not() -> None:
+    from guardrail.core.rule import Verdict
+
+    class Quoting:
+        """A plugin whose error quotes the text it was checking."""
+
+        def checker(self) -> Quoting:
+            return self
+
+        def feed(self, text: str) -> Verdict:
+            raise ValueError(f"cannot judge {text!r}")
+
+        def finish(self) -> Verdict:
+            return Verdict(0, ())
+
+    wire, others = run([BoundRule("quoting", Quoting(), Action.ABORT)], answer_stream(["my secret plan"]))
+    assert b"secret plan" not in wire and b"rule 'quoting' failed" in wire
+    (anomaly,) = [o for o in others if isinstance(o, Anomaly)]
+    assert "secret plan" in anomaly.detail  # for the operator's logs (at DEBUG), never the client

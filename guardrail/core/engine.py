@@ -813,7 +813,9 @@ class StreamGuard:
     ) -> None:
         out.append(Anomaly(kind, detail, ended_stream=True, rule=rule))
         self._ended = True
-        wire.append(self.stream.end(Fail(code, f"guardrail ended the stream: {detail}"), self, None))
+        # A failing rule's message may quote the text it was checking: the client gets only its name.
+        said = f"rule {rule!r} failed" if kind is AnomalyKind.RULE_ERROR and rule is not None else detail
+        wire.append(self.stream.end(Fail(code, f"guardrail ended the stream: {said}"), self, None))
         outcome = Outcome.UPSTREAM_ERROR if kind is not AnomalyKind.RULE_ERROR else Outcome.ABORTED
         out.append(Ended(outcome))
 
