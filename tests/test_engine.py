@@ -448,3 +448,15 @@ def test_a_failing_rule_is_named_to_the_client_but_its_message_is_not() -> None:
     assert b"secret plan" not in wire and b"rule 'quoting' failed" in wire
     (anomaly,) = [o for o in others if isinstance(o, Anomaly)]
     assert "secret plan" in anomaly.detail  # for the operator's logs (at DEBUG), never the client
+
+
+def test_a_dialect_that_fails_to_write_its_ending_never_makes_the_guard_raise() -> None:
+    from guardrail.core.dialects.openai_chat import ChatStream
+
+    class Broken(ChatStream):
+        def end(self, *args: Any, **kwargs: Any) -> bytes:
+            raise RuntimeError("cannot write")
+
+    guard = StreamGuard([BoundRule("banned", BANNED, Action.ABORT)], Broken())
+    outputs = guard.feed(b"".join(answer_stream(["Hello", " there"]))[:-14]) + guard.close() + guard.abort()
+    assert any(isinstance(o, Ended) for o in outputs)

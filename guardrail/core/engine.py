@@ -39,7 +39,7 @@ acts as ``abort`` there, so a second trip ends the stream instead of branching a
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 from guardrail.core.dialect import (
@@ -767,7 +767,7 @@ class StreamGuard:
         """
         self._ended = True
         self._natural_end = ending is None
-        wire.append(self.stream.end(ending, self, parsed))
+        wire.append(_written(self.stream.end, ending, self, parsed))
 
     def _trip(self, trip: _Trip, wire: list[bytes | _Wait], out: list[Output]) -> None:
         rule = trip.rule
@@ -838,7 +838,7 @@ class StreamGuard:
             self._queue = []
         if self._ended:  # a natural end writes what waited; an ending the guard decided closes its own way
             wire = [
-                item if type(item) is not _Wait else self.stream.closing(item.parsed, self)
+                item if type(item) is not _Wait else _written(self.stream.closing, item.parsed, self)
                 for item in wire
                 if type(item) is not _Wait or self._natural_end
             ]
@@ -849,7 +849,7 @@ class StreamGuard:
                         self._queue = wire[position:]
                         wire = wire[:position]
                         break
-                    wire[position] = self.stream.closing(item.parsed, self)
+                    wire[position] = _written(self.stream.closing, item.parsed, self)
         # One piece, nearly always an event passed through whole, goes out as the very bytes that came in.
         data = cast(bytes, wire[0]) if len(wire) == 1 else b"".join(cast(list[bytes], wire))
         if data and self._outgoing is not None:
@@ -879,6 +879,14 @@ _TIMEOUT_MESSAGES = {
     "first_token_timeout": "the model took too long to start answering",
     "total_timeout": "the answer took too long",
 }
+
+
+def _written(write: Callable[..., bytes], *args: Any) -> bytes:
+    """What a dialect writes for an ending or a closing; nothing if it fails (the guard never raises)."""
+    try:
+        return write(*args)
+    except Exception:
+        return b""
 
 
 def _checker(rule: BoundRule, json_text: bool) -> Checker:
