@@ -116,7 +116,7 @@ def test_google_genai_streams_the_guarded_answer(served: tuple[str, Action | str
     responses = list(gemini.models.generate_content_stream(model="gemini-x", contents="hi"))
     text, thoughts = answer_text(responses)
     assert text == EXPECTED[action][0]
-    assert not "".join(thoughts)  # final answer only: the thought was checked, never sent
+    assert thoughts == []  # final answer only: the thought was checked, never sent, not even empty
     last = responses[-1].candidates[0]  # type: ignore[index]
     assert last.finish_reason == types.FinishReason(EXPECTED[action][1])
     assert all(r.model_version == "gemini-x" for r in responses)
@@ -128,7 +128,7 @@ def test_google_genai_reads_whole_answers(served: tuple[str, Action | str]) -> N
     response = gemini.models.generate_content(model="gemini-x", contents="hi")
     text, thoughts = answer_text([response])
     assert text == EXPECTED[action][0]
-    assert not "".join(thoughts)
+    assert thoughts == []
     assert response.candidates[0].finish_reason == types.FinishReason(EXPECTED[action][1])  # type: ignore[index]
 
 

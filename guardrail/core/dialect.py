@@ -158,7 +158,9 @@ class DialectStream(Protocol):
     A stream may also define ``outgoing(data: bytes) -> bytes``: the engine then passes every
     byte for the client through it (the Responses dialect renumbers its events there); and
     ``complete``, False until the stream has said it is over (a finish, an end event): a body
-    that ends while it is False was cut short, and the guard ends it with an error.
+    that ends while it is False was cut short, and the guard ends it with an error; and
+    ``hidden``, the kinds of channel the engine withholds (final answer only), which it sets so
+    that the dialect can leave out the events that only frame withheld text.
     """
 
     framing: Framing

@@ -385,6 +385,8 @@ class StreamGuard:
             options.setdefault("prompt_tokens", prompt_tokens)
             dialect = default_stream(continuation=continuation, **options)
         self.stream = dialect
+        if self._hide and hasattr(dialect, "hidden"):
+            dialect.hidden = self._hide  # so that it can leave out the events around withheld text too
         # Only dialects that must touch every outgoing byte (Responses renumbers its events) have one.
         self._outgoing = getattr(dialect, "outgoing", None)
         self._frames = frames_for(dialect.framing)

@@ -103,6 +103,7 @@ class GeminiStream:
     def __init__(self, framing: Framing = Framing.SSE, *, model: str = "") -> None:
         self.framing = framing
         self.complete = framing is Framing.JSON  # over once a candidate carries its finishReason
+        self.hidden: frozenset[Kind] = frozenset()  # kinds withheld (final answer only): their parts left out
         self._head: dict[str, Any] = {"modelVersion": model} if model else {}
         self._seen: dict[int, None] = {}  # candidate indexes, in order
         self._finished: set[int] = set()
@@ -255,6 +256,8 @@ class GeminiStream:
             if text != piece.text:
                 self._changed.add(_candidate(piece.channel))
             replacements[piece.path] = text
+            if piece.kind in self.hidden:
+                replacements[_part_path(piece.path)] = jsontext.DROP  # withheld: not even an empty part
         obj = jsontext.replace_paths(parsed.data, replacements)
         obj = self._without(obj, self._changed, () if closing else ("finishReason", "finishMessage"))
         if not closing and not parsed.pieces:
@@ -322,6 +325,8 @@ class GeminiStream:
             replacements[piece.path] = sent
             if sent != piece.text:
                 changed.add(_candidate(piece.channel))
+            if piece.kind in self.hidden:
+                replacements[_part_path(piece.path)] = jsontext.DROP
         obj = jsontext.replace_paths(parsed.data, replacements)
         items = obj if type(obj) is list else [obj]
         items = [self._without(item, changed, ()) for item in items]
@@ -368,6 +373,12 @@ def _tokens_match(candidate: dict[str, Any]) -> bool:
     tokens = [entry.get("token") if type(entry) is dict else None for entry in chosen]
     texts = [p.get("text") for p in parts if type(p) is dict and "text" in p and p.get("thought") is not True]
     return all(type(t) is str for t in (*tokens, *texts)) and "".join(tokens) == "".join(texts)  # type: ignore[arg-type]
+
+
+def _part_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The path of the part a piece's path leads into (``...parts, n``)."""
+    at = len(path) - 1 - path[::-1].index("parts")
+    return path[: at + 2]
 
 
 def _candidate(channel: str) -> int:

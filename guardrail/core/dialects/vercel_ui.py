@@ -98,6 +98,7 @@ class UIMessageStream:
     def __init__(self, framing: Framing = Framing.SSE) -> None:
         self.framing = framing
         self.complete = False  # over with its finish part, or [DONE]
+        self.hidden: frozenset[Kind] = frozenset()  # kinds withheld (final answer only): their parts left out
         self._open: dict[str, None] = {}  # open text and reasoning parts ("text:ID"), in order
         self._streamed: set[str] = set()  # tool calls whose input came in deltas
         self._step = False  # a step is open (start-step without its finish-step)
@@ -132,6 +133,8 @@ class UIMessageStream:
                 piece = Piece(channel, text, (field,), channel_kind, prefix == "tool")
                 return Parsed(EventKind.TEXT, frame, (piece,), (*others, *rest), data=obj)
         all_strings = (*others, *_strings(obj))
+        if self._withheld(kind):
+            frame = b""  # a part that only frames withheld text: checked, not sent
         if kind in _ENDS and type(obj.get("id")) is str:
             channel = f"{_ENDS[kind][1]}:{obj['id']}"
             self._open.pop(channel, None)
@@ -153,6 +156,11 @@ class UIMessageStream:
             return Parsed(EventKind.UNKNOWN, frame, others=all_strings, detail=f"a part of type {kind!r}")
         return Parsed(EventKind.PASS, frame, others=all_strings, data=obj)
 
+    def _withheld(self, kind: str) -> bool:
+        if kind.startswith("reasoning-"):
+            return Kind.REASONING in self.hidden
+        return kind.startswith("tool-") and Kind.TOOL in self.hidden
+
     def _tool_input(self, frame: bytes, obj: dict[str, Any], others: tuple[str, ...]) -> Parsed:
         ident = obj["toolCallId"]
         channel = f"tool:{ident}"
@@ -166,6 +174,8 @@ class UIMessageStream:
 
     def rewrite(self, parsed: Parsed, texts: Mapping[int, str], ledger: Ledger, *, closing: bool = True) -> bytes:
         obj = parsed.data
+        if self._withheld(str(obj.get("type"))):
+            return b""
         if obj.get("type") == "tool-input-available":
             sent = ledger.sent(f"tool:{obj['toolCallId']}")
             try:
@@ -195,7 +205,9 @@ class UIMessageStream:
             return parsed.raw if parsed is not None else b""
         if isinstance(ending, Fail):
             return self._part({"type": "error", "errorText": f"{ending.code}: {ending.message}"}) + _DONE
-        parts = [self._end_part(channel) for channel in self._open]
+        parts = [
+            self._end_part(channel) for channel in self._open if not self._withheld(channel.partition(":")[0] + "-")
+        ]
         self._open.clear()
         reason = "stop"
         if isinstance(ending, FallbackText):
