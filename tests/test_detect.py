@@ -111,3 +111,12 @@ def test_the_middleware_reads_an_unnamed_path_by_its_first_event() -> None:
         text = httpx.post(f"{base_url}/generate", json={}).text
     assert KEY[:10] not in text and "[redacted]" in text and "event: message_stop" in text
     assert records[0].dialect == "anthropic_messages"
+
+
+def test_a_stream_that_switches_dialects_after_the_first_event_is_ended() -> None:
+    # Told Gemini by its first event, then chat chunks splitting a key: a chat client would join them.
+    guard = StreamGuard([RULE], start_stream(None, Framing.SSE))
+    body = [b'data: {"candidates": []}\n\n', *chat_stream()]
+    out = b"".join(o.data for data in body for o in guard.feed(data) if isinstance(o, Send))
+    assert guard.dialect == "gemini" and guard.ended
+    assert KEY[:10].encode() not in out and b"malformed_event" in out

@@ -3,7 +3,9 @@
 :class:`DetectingStream` reads the first frame that carries data, picks the dialect whose events
 look like it (:func:`dialect_of`), and from then on is that dialect's stream. A first event that
 looks like none is read as OpenAI chat, the most common shape; such a stream's text still
-reaches no client unchecked (every string outside the dialect's channels is checked whole).
+reaches no client unchecked (every string outside the dialect's channels is checked whole). A
+later event that plainly belongs to another dialect ends the stream as malformed: a client of
+that dialect would join text that this one checks only string by string.
 """
 
 from __future__ import annotations
@@ -74,17 +76,23 @@ class DetectingStream:
         return self._stream
 
     def parse(self, frame: bytes, fields: Any = None) -> Parsed:
-        stream = self._stream
-        if stream is None:
-            data = getattr(fields, "data", None) if self.framing is Framing.SSE else frame
-            if data is None or (self.framing is Framing.SSE and not data.strip()):
+        data = getattr(fields, "data", None) if self.framing is Framing.SSE else frame
+        if data is None or (self.framing is Framing.SSE and not data.strip()):
+            if self._stream is None:
                 return Parsed(EventKind.PASS, frame, others=sse_others(fields))  # nothing to tell by yet
-            try:
-                obj = jsontext.loads(data)
-            except jsontext.Malformed:
-                obj = None
-            stream = self._start(dialect_of(obj, getattr(fields, "event", None)) or DEFAULT)
-        return stream.parse(frame, fields)
+            return self._stream.parse(frame, fields)
+        try:
+            obj = jsontext.loads(data)
+        except jsontext.Malformed:
+            obj = None
+        told = dialect_of(obj, getattr(fields, "event", None))
+        if self._stream is None:
+            return self._start(told or DEFAULT).parse(frame, fields)
+        if told is not None and told != self.dialect_name:
+            # A client of the other dialect would join text this one checks piece by piece.
+            detail = f"a {told} event in a stream read as {self.dialect_name}"
+            return Parsed(EventKind.MALFORMED, frame, detail=detail)
+        return self._stream.parse(frame, fields)
 
     def _current(self) -> DialectStream:
         return self._stream if self._stream is not None else self._start(DEFAULT)
