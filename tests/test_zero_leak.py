@@ -92,3 +92,21 @@ def test_no_stream_of_another_dialect_leaks_a_banned_match(dialect: str, seed: i
     outputs += guard.close()
     wire = b"".join(output.data for output in outputs if isinstance(output, Send))
     assert leaks(read(wire)) == []
+
+
+@pytest.mark.parametrize("dialect", sorted(set(leakgrammar.DIALECTS) - {"ollama", "text"}))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), action=st.sampled_from([Action.REDACT, Action.ABORT]))
+def test_no_stream_leaks_when_its_dialect_is_told_by_its_first_event(dialect: str, seed: int, action: Action) -> None:
+    from guardrail.core.dialect import Framing
+    from guardrail.core.dialects import start_stream
+    from guardrail.core.engine import StreamGuard
+
+    generate, read, _ = leakgrammar.DIALECTS[dialect]
+    rng = random.Random(seed)
+    body = generate(rng)
+    guard = StreamGuard(leakgrammar.rules(action), start_stream(None, Framing.SSE))
+    outputs = [output for chunk in leakgrammar.rechunk(rng, body) for output in guard.feed(chunk)]
+    outputs += guard.close()
+    wire = b"".join(output.data for output in outputs if isinstance(output, Send))
+    assert leaks(read(wire)) == []
