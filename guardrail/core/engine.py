@@ -20,7 +20,9 @@ checked whole; a match there ends the stream, since they cannot be cut.
 
 A frame whose text is released whole and unchanged goes out as its original bytes; anything
 held or changed is re-rendered by the dialect, which also writes every ending (a policy or
-length stop, fallback text, an error) in its own terms. The engine knows no provider.
+length stop, fallback text, an error) in its own terms. The engine knows no provider. A body
+that ends before its dialect's own end (no finish, no end event) was cut short: the guard ends
+it with an error (``upstream_truncated``), so that no client takes half an answer for a whole.
 
 Time-based rules keep a :class:`~guardrail.core.rule.Timer` per stream. The guard never reads a
 clock: the shell passes ``now`` to every call, asks :attr:`StreamGuard.deadline` when to wake it,
@@ -32,7 +34,8 @@ Continuations
 -------------
 When a fallback with ``url`` fires, the shell streams another upstream's answer into the same
 response, through a second guard made with ``continuation=True`` and the dialect's continuation
-stream (which re-labels the answer as the first stream's). A rule with ``action: fallback``
+stream (which re-labels the answer as the first stream's), given the text the client already
+has (``text_before``) so that usage counts the whole answer. A rule with ``action: fallback``
 acts as ``abort`` there, so a second trip ends the stream instead of branching again.
 """
 
@@ -817,7 +820,7 @@ class StreamGuard:
         self._ended = True
         # A failing rule's message may quote the text it was checking: the client gets only its name.
         said = f"rule {rule!r} failed" if kind is AnomalyKind.RULE_ERROR and rule is not None else detail
-        wire.append(self.stream.end(Fail(code, f"guardrail ended the stream: {said}"), self, None))
+        wire.append(_written(self.stream.end, Fail(code, f"guardrail ended the stream: {said}"), self, None))
         outcome = Outcome.UPSTREAM_ERROR if kind is not AnomalyKind.RULE_ERROR else Outcome.ABORTED
         out.append(Ended(outcome))
 
