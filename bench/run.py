@@ -2,8 +2,10 @@
 
 Runs, in order: per-delta cost at growing lengths (engine and middleware), the naive guard on
 the same streams, end to end over loopback, 1,000 concurrent streams at model pace, hold-back,
-and a profile of the hot path. Each is also a script of its own (``python bench/<name>.py``);
-this one composes their ``main()`` results. It asserts nothing: benchmarks are not tests.
+a profile of the hot path, the floor; then the floor and the concurrency run again in the
+compiled build (``make compiled``), in a subprocess (``bench/compiled.py``). Each is also a
+script of its own (``python bench/<name>.py``); this one composes their ``main()`` results. It
+asserts nothing: benchmarks are not tests.
 
     python bench/run.py [--output bench/RESULTS.md]
 """
@@ -11,7 +13,10 @@ this one composes their ``main()`` results. It asserts nothing: benchmarks are n
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +30,10 @@ import metrics_overhead
 import naive
 import per_delta
 import profile_hot_path
-from common import MODEL_PACE, STREAM_LENGTHS, bench_rules, machine_info, md_table, rules_note, step
+from common import MODEL_PACE, ROOT, STREAM_LENGTHS, bench_rules, machine_info, md_table, rules_note, step
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+COMPILED = ROOT / "build" / "compiled"  # the compiled build, as `make compiled` leaves it
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +57,86 @@ class Everything:
     profile: profile_hot_path.Profile
     metrics: dict[str, float]
     floor: floor.Results
+    compiled: Compiled | None
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """What bench/compiled.py measured in the compiled build: its tables and figures."""
+
+    output: str
+    floor: floor.Results
+    added_p99_ms: dict[int, float]  # streams: the guard's added p99 lateness, deltas not held back
+    memory_bare: float  # bytes per open stream
+    memory_guarded: float
+
+
+def run_compiled() -> Compiled | None:
+    """bench/compiled.py in a subprocess that imports the compiled build; None if it is not built."""
+    if not (COMPILED / ".built").exists():
+        step(f"no compiled build in {COMPILED} (make compiled): its figures are left out")
+        return None
+    script = Path(__file__).resolve().parent / "compiled.py"
+    env = {**os.environ, "PYTHONPATH": str(COMPILED)}
+    done = subprocess.run([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True, check=True)
+    *tables, last = done.stdout.rstrip().splitlines()
+    figures = json.loads(last)
+    if figures["build"] != "compiled":
+        raise SystemExit(f"{COMPILED} did not import as the compiled build")
+    found = figures["concurrency"]
+    return Compiled(
+        "\n".join(tables),
+        {name: (engine, asgi) for name, (engine, asgi) in figures["floor"].items()},
+        {int(streams): ms for streams, ms in found["added_p99_ms"].items()},
+        found["memory_bare"],
+        found["memory_guarded"],
+    )
+
+
+def build_goals(results: Everything) -> list[Goal]:
+    """Issue 18's goals: the floor ratio, streams per process, memory; the compiled build is the one held to them."""
+    found: list[Goal] = []
+    builds: list[tuple[str, floor.Results, dict[int, float], float, bool | None]] = []
+    c = results.concurrency
+    source_added = {rounds.median[1].streams: concurrency.added_lateness(*rounds.median) * 1e3 for rounds in c.fewer}
+    source_added[c.streams] = concurrency.added_lateness(c.bare, c.guarded) * 1e3
+    compiled = results.compiled
+    if compiled is not None:
+        builds.append(("compiled build", compiled.floor, compiled.added_p99_ms, compiled.memory_guarded, True))
+    builds.append(("source build", results.floor, source_added, c.memory_guarded, None if compiled else True))
+    for label, floor_results, added, memory, held in builds:
+        engine, asgi = floor.ratios(floor_results)
+        found.append(
+            Goal(f"(g) guardrail ÷ floor ≤ 2.0, engine alone, {label}", f"{engine:.2f}×", _met(engine <= 2.0, held))
+        )
+        found.append(
+            Goal(f"(g) guardrail ÷ floor ≤ 2.0, through ASGI, {label}", f"{asgi:.2f}×", _met(asgi <= 2.0, held))
+        )
+        at_600 = added.get(600)
+        found.append(
+            Goal(
+                f"(g) 600 streams at {MODEL_PACE:g} deltas/s: p99 added lateness < 10 ms, deltas not held, {label}",
+                "not measured" if at_600 is None else f"{at_600:.2f} ms",
+                None if at_600 is None else _met(at_600 < 10, held),
+            )
+        )
+        kib = memory / 1024
+        found.append(
+            Goal(f"(g) memory per open guarded stream ≤ 12 KiB, {label}", f"{kib:.1f} KiB", _met(kib <= 12, held))
+        )
+    return found
+
+
+def _met(met: bool, held: bool | None) -> bool | None:
+    """The verdict of a goal the build is held to; None (reported for context) otherwise."""
+    return met if held else None
 
 
 def goals(results: Everything) -> list[Goal]:
     found: list[Goal] = []
     ratio = results.e2e.ratio
     found.append(Goal("(c) guarded throughput end to end ≥ 0.6× unguarded", f"{ratio:.2f}×", ratio >= 0.6))
-    engine, asgi = floor.ratios(results.floor)
-    found.append(Goal("(g) guardrail ÷ floor ≤ 2.0, engine alone", f"{engine:.2f}×", engine <= 2.0))
-    found.append(Goal("(g) guardrail ÷ floor ≤ 2.0, through ASGI", f"{asgi:.2f}×", asgi <= 2.0))
+    found.extend(build_goals(results))
     paired = results.per_delta.paired
     for attribute, label in (("engine", "engine"), ("middleware", "through the middleware")):
         value = getattr(paired, f"{attribute}_ratio") if paired is not None else None
@@ -234,6 +311,7 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
         "interleaved rounds of 2,000 deltas (spread in brackets). Streams per process: one core's CPU "
         f"divided by the cost at {MODEL_PACE:g} deltas/s, an estimate rather than a load test.",
         floor.table(results.floor),
+        *_compiled_sections(results.compiled),
         "## Metrics overhead (`bench/metrics_overhead.py`, issue 5)",
         "The same streams through `GuardrailMiddleware` reporting to a real `GuardMetrics` and to one whose "
         "methods do nothing, alternating; median CPU time per delta.",
@@ -243,6 +321,18 @@ def report(results: Everything, found: Sequence[Goal], info: dict[str, str], sec
         ),
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _compiled_sections(compiled: Compiled | None) -> list[str]:
+    if compiled is None:
+        return ["## (g) The compiled build", "Not measured: no compiled build (`make compiled`)."]
+    return [
+        "## (g) The compiled build (`bench/compiled.py`)",
+        "The same source compiled with mypyc (`make compiled`, setup.py), measured in a process that imports "
+        "it: the floor ladder as above (the floor's own steps are plain Python in both), then the concurrency "
+        "run of (d) with 250, 600 and 1,000 streams.",
+        f"```\n{compiled.output}\n```",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> Everything:
@@ -261,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> Everything:
     step("(c) end to end")
     ee = e2e.main([])
     step("(d) concurrency")
-    cc = concurrency.main([])
+    cc = concurrency.main(["--fewer", "100", "250", "600"])
     step("(e) hold-back")
     hb = holdback.main([])
     step("(f) profile")
@@ -270,7 +360,9 @@ def main(argv: Sequence[str] | None = None) -> Everything:
     mo = metrics_overhead.main(["--rules", str(bench_rules()), "--deltas", "3000", "--rounds", "9"])
     step("(g) the floor")
     fl = floor.main(["--deltas", "2000", "--rounds", "9"])
-    results = Everything(pd, nv, ee, cc, hb, pf, mo, fl)
+    step("(g) the compiled build")
+    cb = run_compiled()
+    results = Everything(pd, nv, ee, cc, hb, pf, mo, fl, cb)
     seconds = time.perf_counter() - start
     load_at_end = machine_info().get("load average (1, 5, 15 min)", "")
     if load_at_start:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 RULE_FILES = sorted((ROOT / "rules").glob("*.yaml"))
 # What the build reads: everything else in the clone stays out of the copy the wheel is built from.
-BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "guardrail", "rules")
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "guardrail", "rules")
 TIMEOUT = 30.0
 
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import ast
 import json
 import re
 from itertools import accumulate, pairwise
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -366,9 +368,23 @@ def outcome(decoder: SSEDecoder, chunk: bytes | None) -> list[SSEEvent] | str:
         return str(error)
 
 
+def declared_slots() -> tuple[str, ...]:
+    """SSEDecoder's ``__slots__`` as its source declares them (the compiled build's class has none)."""
+    source = (Path(__file__).resolve().parent.parent / "guardrail" / "core" / "sse.py").read_text()
+    (decoder,) = [node for node in ast.walk(ast.parse(source)) if getattr(node, "name", None) == "SSEDecoder"]
+    for statement in getattr(decoder, "body", []):
+        if isinstance(statement, ast.Assign) and ast.unparse(statement.targets[0]) == "__slots__":
+            names: tuple[str, ...] = ast.literal_eval(statement.value)
+            return names
+    raise AssertionError("SSEDecoder declares no __slots__")
+
+
+STATE = tuple(name for name in declared_slots() if name != "_failure")
+
+
 def state(decoder: SSEDecoder) -> dict[str, object]:
     """All that the decoder keeps between calls, but the error it failed with (compared by message)."""
-    return {name: getattr(decoder, name) for name in SSEDecoder.__slots__ if name != "_failure"}
+    return {name: getattr(decoder, name) for name in STATE}
 
 
 def feed_each(

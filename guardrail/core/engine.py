@@ -45,6 +45,8 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core.dialect import (
     DialectStream,
     Ending,
@@ -340,6 +342,7 @@ class _ChannelGuard:
             self.held_since = now
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class StreamGuard:
     """Guards one response in one dialect.
 
@@ -372,7 +375,9 @@ class StreamGuard:
         encoding: BPEEncoding | None = None,
         prompt_tokens: int | None = None,
         continuation: bool = False,
-        hide: Collection[Kind] = (),
+        # frozenset() rather than (): with a literal default here the compiled build fails to
+        # build (mypyc cannot write this signature's text form, keyword-only with **options).
+        hide: Collection[Kind] = frozenset(),
         text_before: Mapping[str, str] | None = None,
         **options: Any,
     ) -> None:

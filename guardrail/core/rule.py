@@ -122,8 +122,8 @@ class BoundRule:
     replacement: str = "[redacted]"
     fallback: Fallback | None = None
     source: str = field(default="", compare=False)
-    checks_text: bool = field(init=False, repr=False, compare=False)  # ``rule`` is a Rule
-    watches_time: bool = field(init=False, repr=False, compare=False)  # ``rule`` is a TimedRule
+    checks_text: bool = field(default=False, init=False, repr=False, compare=False)  # ``rule`` is a Rule
+    watches_time: bool = field(default=False, init=False, repr=False, compare=False)  # ``rule`` is a TimedRule
 
     def __post_init__(self) -> None:
         # Asked once here rather than by every stream: a runtime protocol check costs microseconds.

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.exceptions import SSEError
 
 __all__ = ["MAX_EVENT_BYTES", "SSEDecoder", "SSEEvent", "encode_comment", "encode_event"]
@@ -58,6 +60,7 @@ class SSEEvent(NamedTuple):
     comments: tuple[str, ...] = ()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SSEDecoder:
     """Turns the bytes of an event stream into :class:`SSEEvent` blocks, whatever the chunking.
 

@@ -102,7 +102,7 @@ _UNSTABLE_PIECES: Final = {_O200K_PATTERN: 2, _CL100K_PATTERN: 1, _R50K_PATTERN:
 
 # Unassigned in Python's Unicode tables, or a surrogate: tiktoken may class these differently.
 _UNCERTAIN_CATEGORIES: Final = frozenset({"Cn", "Cs"})
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_SURROGATE: Final = re.compile(f"[{chr(0xD800)}-{chr(0xDFFF)}]")
 
 
 @functools.cache
@@ -386,7 +386,7 @@ def _seen_char_starts(text: str) -> list[int] | None:
     while index < len(text):
         starts.append(index)
         paired = (
-            "\ud800" <= text[index] <= "\udbff" and index + 1 < len(text) and "\udc00" <= text[index + 1] <= "\udfff"
+            0xD800 <= ord(text[index]) <= 0xDBFF and index + 1 < len(text) and 0xDC00 <= ord(text[index + 1]) <= 0xDFFF
         )
         index += 2 if paired else 1
     starts.append(len(text))

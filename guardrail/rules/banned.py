@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import regex
+from mypy_extensions import mypyc_attr
 
 from guardrail.core.rule import Checker, Hit, Verdict
 from guardrail.rules.phrases import UNSPACED, PhraseIndex, indexable
@@ -286,6 +287,7 @@ def _build_searchers(alternatives: Sequence[tuple[str, str]]) -> tuple[_Searcher
     return tuple(alone)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BannedPatterns:
     """Text matching any of ``patterns`` (regex-module syntax) or ``phrases`` is banned.
 

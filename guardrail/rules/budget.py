@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core.dialects._openai import chat_prompt_tokens
 from guardrail.core.rule import Hit, Verdict
 from guardrail.core.tokens import BPEEncoding, TokenCounter
@@ -33,6 +35,7 @@ def count_prompt_tokens(payload: Mapping[str, Any], encoding: BPEEncoding) -> in
     return chat_prompt_tokens(payload, lambda text: len(encode(text)))
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TokenBudget:
     """At most ``max_tokens`` completion tokens per channel, and ``max_prompt_tokens`` per request.
 

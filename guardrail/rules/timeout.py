@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 IDLE = "idle_timeout"
 FIRST_TOKEN = "first_token_timeout"
 TOTAL = "total_timeout"
 
 
 @dataclass(frozen=True, slots=True)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class IdleTimeout:
     """Limits on a stream's silences and length, in seconds.
 

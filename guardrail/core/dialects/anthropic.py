@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core import jsontext
 from guardrail.core.dialect import (
     Ending,
@@ -57,6 +59,7 @@ _KNOWN_KEYS = frozenset(
 TOKENS_PER_MESSAGE = 3
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class AnthropicMessages:
     """The Messages dialect."""
 
@@ -81,6 +84,7 @@ class AnthropicMessages:
 DIALECT = AnthropicMessages()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MessagesStream:
     """One Messages answer: an event stream, or a whole message (``Framing.JSON``)."""
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core import jsontext
 from guardrail.core.dialect import (
     Ending,
@@ -59,6 +61,7 @@ _KNOWN_KEYS = frozenset(
 )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Gemini:
     """The Gemini dialect."""
 
@@ -95,6 +98,7 @@ def _error(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": status, "message": message, "status": status_name, "details": [detail]}}
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GeminiStream:
     """One Gemini answer: an event stream, or a whole body (one response, or an array of them)."""
 
@@ -283,7 +287,7 @@ class GeminiStream:
         candidates = []
         for position, candidate in enumerate(obj.get("candidates") or ()):
             if type(candidate) is dict:
-                kept = {key: value for key, value in candidate.items() if key not in ("content", *_DERIVED)}
+                kept = {key: value for key, value in candidate.items() if key != "content" and key not in _DERIVED}
                 candidates.append({"content": {"role": "model", "parts": []}, "index": position, **kept})
         return self._event({**obj, "candidates": candidates})
 

@@ -15,6 +15,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core import jsontext
 from guardrail.core.dialect import (
     Ending,
@@ -43,6 +45,7 @@ _KNOWN_KEYS = frozenset(
 )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Ollama:
     """The Ollama dialect."""
 
@@ -71,6 +74,7 @@ def _line(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class OllamaStream:
     """One Ollama answer, chat or generate."""
 

@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core import jsontext
 from guardrail.core.dialect import (
     Ending,
@@ -59,6 +61,7 @@ _KNOWN_KEYS = frozenset(
 )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class OpenAIChat:
     """The Chat Completions dialect (``POST /v1/chat/completions``)."""
 
@@ -87,6 +90,7 @@ class OpenAIChat:
 DIALECT = OpenAIChat()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ChatStream:
     """One chat completion response: a chunk stream (``Framing.SSE``) or a whole body (``Framing.JSON``).
 
@@ -391,7 +395,7 @@ class ChatStream:
         return b"".join(chunks)
 
     def text(self, channel: str, text: str) -> bytes:
-        tokens = _NAME_TOKEN.findall(channel)
+        tokens: list[tuple[str, str]] = _NAME_TOKEN.findall(channel)
         choice = int(tokens[1][1])  # choices, [n]
         delta: Any = text
         for key, number in reversed(tokens[2:]):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core import jsontext
 from guardrail.core.dialect import Framing, RequestInfo
 from guardrail.core.dialects import _openai
@@ -19,6 +21,7 @@ from guardrail.core.sse import encode_event
 NAME = "openai_completions"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class OpenAICompletions:
     """The legacy completions dialect."""
 
@@ -41,6 +44,7 @@ class OpenAICompletions:
 DIALECT = OpenAICompletions()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class CompletionsStream(ChatStream):
     """One legacy completion: chunks whose choices carry ``text``."""
 

@@ -28,6 +28,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core import jsontext
 from guardrail.core.dialect import (
     Ending,
@@ -91,6 +93,7 @@ _KNOWN_KEYS = frozenset(
 )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class OpenAIResponses:
     """The Responses dialect."""
 
@@ -130,6 +133,7 @@ def _input_texts(content: object) -> list[str]:
 DIALECT = OpenAIResponses()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ResponsesStream:
     """One Responses answer: an event stream, or a whole ``response`` object (``Framing.JSON``)."""
 

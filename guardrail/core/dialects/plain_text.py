@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core.dialect import Ending, EventKind, Fail, FallbackText, Framing, Ledger, Parsed, Piece, RequestInfo
 
 NAME = "text"
 CHANNEL = "text"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PlainText:
     """The plain text dialect."""
 
@@ -35,6 +38,7 @@ class PlainText:
 DIALECT = PlainText()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TextStream:
     """One plain text answer."""
 

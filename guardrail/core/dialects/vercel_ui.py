@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from guardrail.core import jsontext
 from guardrail.core.dialect import (
     Ending,
@@ -65,6 +67,7 @@ _KEYS = frozenset(
 FALLBACK_ID = "guardrail-fallback"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class VercelUI:
     """The UI message stream dialect."""
 
@@ -90,6 +93,7 @@ class VercelUI:
 DIALECT = VercelUI()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UIMessageStream:
     """One UI message stream."""
 
