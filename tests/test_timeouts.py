@@ -10,6 +10,7 @@ Timing assertions are generous bounds on the limits the feature itself sets; not
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -587,3 +588,34 @@ def test_the_first_delta_brings_a_sooner_idle_deadline_forward(tmp_path: Path) -
         elapsed = time.monotonic() - started
     assert text.endswith(FALLBACK_TEXT)
     assert elapsed < 10, f"the fallback came after {elapsed:.1f} s: the 30 s first-token deadline was kept"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("timed", [True, False], ids=["idle limit armed", "no time limit"])
+async def test_a_guarded_stream_adds_one_task_and_none_per_deadline(timed: bool) -> None:
+    # Thousands of streams stay open at once: beside the request's own task, a guarded stream
+    # runs only the disconnect listener; a time limit is an event-loop timer, not a task.
+    counted: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
+        for body in CHAT.stream(["One ", "two."]):
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await anyio.sleep(0.01)
+            counted.append(len(asyncio.all_tasks()))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    rules = (
+        [idle_rule(Action.ABORT, seconds=5)]
+        if timed
+        else [BoundRule("secrets", BannedPatterns(phrases=["x y"]), Action.ABORT)]
+    )
+    wrapped = GuardrailMiddleware(app, rules=RuleSet.from_rules(rules), metrics=GuardMetrics(CollectorRegistry()))
+    with anyio.fail_after(10):
+        for target in (app, wrapped):
+            recorder = Recorder()
+            await target(http_scope(), Receiver(), recorder)
+            assert recorder.completed.is_set()
+    bare, guarded = counted[: len(counted) // 2], counted[len(counted) // 2 :]
+    assert [count - 1 for count in guarded] == bare

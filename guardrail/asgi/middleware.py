@@ -1,12 +1,13 @@
 """GuardrailMiddleware: pure ASGI, one :class:`~guardrail.core.engine.StreamGuard` per guarded stream.
 
 The middleware instance is immutable after ``__init__``; everything about one request lives in
-a :class:`_GuardedResponse`. Concurrency, per request:
+a :class:`_GuardedResponse`. It runs on asyncio (uvicorn, hypercorn and granian's asyncio
+workers, uvloop included). Concurrency, per request, kept to what each request needs:
 
     request task ── reads the request body, then runs the app in a cancel scope
-      └─ task group beside it:
-           ├─ deadline watcher: sleeps until the guard's next deadline, then calls expire()
-           └─ disconnect listener: owns the server's receive once the body is read
+      ├─ disconnect listener (a task, only once the body is read): owns the server's receive
+      └─ deadline timer (an event-loop timer, only while a time limit is armed): when a
+         deadline passes, a short task calls expire() under the send lock
 
 Whoever ends the stream first wins: the guard (a rule tripped, a deadline passed), the client
 (it went away) or the app (it finished or failed). Every send goes through one lock. When the
@@ -21,6 +22,7 @@ response (``_branch``; the HTTP half is :mod:`guardrail.asgi.branch`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -158,6 +160,19 @@ class GuardrailMiddleware:
         await _GuardedResponse(self, rules, scope, send, encoding, forms[0]).run(receive)
 
 
+async def _stop(*tasks: asyncio.Task[None] | None) -> None:
+    """Cancel a request's helper tasks and wait for them to end; a failure of theirs is the request's."""
+    running = [task for task in tasks if task is not None]
+    if not running:
+        return
+    for task in running:
+        task.cancel()
+    await asyncio.wait(running)
+    for task in running:
+        if not task.cancelled() and task.exception() is not None:
+            raise cast(BaseException, task.exception())
+
+
 def _request_id(scope: Scope) -> str:
     """The request's ``x-request-id`` header (up to 128 characters), or a new id."""
     for name, value in scope.get("headers", []):
@@ -218,6 +233,49 @@ async def _close_generators(generators: list[weakref.ref[AsyncGenerator[Any, Any
 class _GuardedResponse:
     """One request's guard: decides at ``http.response.start`` whether the body is a stream to guard."""
 
+    # One per open stream: slots keep it small (see the memory figures in bench/concurrency.py).
+    __slots__ = (
+        "announced",
+        "app_error",
+        "app_scope",
+        "app_started",
+        "branch",
+        "branch_guard",
+        "branch_scope",
+        "client_left",
+        "closed",
+        "content_type",
+        "decoder",
+        "downstream",
+        "early_hits",
+        "encoding",
+        "expiring",
+        "framing",
+        "guard",
+        "held_start",
+        "left",
+        "loop",
+        "metrics",
+        "middleware",
+        "now",
+        "outcome",
+        "path",
+        "prompt_tokens",
+        "record",
+        "replay",
+        "request",
+        "request_id",
+        "response_started",
+        "rules",
+        "scope",
+        "send_lock",
+        "sniffed",
+        "start",
+        "timer",
+        "timer_at",
+        "unreported_deltas",
+    )
+
     def __init__(
         self,
         middleware: GuardrailMiddleware,
@@ -247,16 +305,17 @@ class _GuardedResponse:
         self.unreported_deltas = 0
         self.app_scope = anyio.CancelScope()
         self.replay: list[Message] = []
-        self.client_gone = anyio.Event()
-        self.armed = anyio.Event()  # set when a guard with deadlines appears
-        self.rearmed: anyio.Event | None = None  # while the watcher waits for text to re-arm a deadline
-        self.deadline_moved = anyio.Event()  # set when text moves the deadline before watching_until
-        self.watching_until: float | None = None
+        self.loop = asyncio.get_running_loop()
+        self.client_left = False
+        self.left: asyncio.Future[None] | None = None  # made when the app waits for the client to leave
+        self.timer: asyncio.TimerHandle | None = None  # set for the guard's next deadline, while one is armed
+        self.timer_at = 0.0
+        self.expiring: asyncio.Task[None] | None = None  # a deadline passed: expire() runs in this task
         self.record: StreamRecord | None = None
         self.early_hits: list[RuleHit] = []
-        self.texts: dict[str, str] = {}
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
         self.branch_guard: StreamGuard | None = None  # and guards its answer
+        self.branch_scope: anyio.CancelScope | None = None  # and is read in this scope
         # The app's response start, held until the guard knows how to read the body (and, for a
         # whole body, until it is guarded); then how to read it.
         self.held_start: Message | None = None
@@ -293,29 +352,32 @@ class _GuardedResponse:
             return  # a body too large to keep cannot be counted: a prompt budget refuses it
         if self.request.stream:
             self._arm()  # first-token limits count from the request, before any response
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._watch_deadlines)
-            if whole:
-                tasks.start_soon(self._listen_for_disconnect, receive)
-            app_receive = self._receive_for_app if whole else self._receive_then(receive)
+        listener = self.loop.create_task(self._listen_for_disconnect(receive)) if whole else None
+        app_receive = self._receive_for_app if whole else self._receive_then(receive)
+        try:
             try:
-                try:
-                    with self.app_scope:
-                        await self.middleware.app(self.scope, app_receive, self.send)
-                    await self._app_returned()
-                except Exception as exc:
-                    await self._app_failed(exc)
-                if self.branch is not None:
-                    await self._branch(self.branch)
-            finally:
-                tasks.cancel_scope.cancel()
+                with self.app_scope:
+                    await self.middleware.app(self.scope, app_receive, self.send)
+                await self._app_returned()
+            except Exception as exc:
+                await self._app_failed(exc)
+            if self.branch is not None:
+                await self._branch(self.branch)
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            await _stop(self.expiring, listener)
 
     # -- receive ----------------------------------------------------------------------------
 
     async def _receive_for_app(self) -> Message:
         if self.replay:
             return self.replay.pop(0)
-        await self.client_gone.wait()
+        if not self.client_left:
+            if self.left is None:
+                self.left = self.loop.create_future()
+            await asyncio.shield(self.left)  # (a waiter cancelled does not cancel it for the others)
         return {"type": "http.disconnect"}
 
     def _receive_then(self, receive: Receive) -> Receive:
@@ -335,7 +397,11 @@ class _GuardedResponse:
             await anyio.lowlevel.checkpoint()  # a server that answers at once must not starve the app
 
     def _client_went_away(self) -> None:
-        self.client_gone.set()
+        self.client_left = True
+        if self.left is not None and not self.left.done():
+            self.left.set_result(None)
+        if self.branch_scope is not None:
+            self.branch_scope.cancel()  # stop reading the fallback: nobody is left to answer
         if not self.closed:
             self.closed = True
             self._settle(Outcome.CLIENT_DISCONNECTED)
@@ -453,7 +519,7 @@ class _GuardedResponse:
             self.record.model = self.request.model
             self.record.hits.extend(self.early_hits)
         self.record.dialect = dialect_name
-        self.armed.set()
+        self._watch()
 
     async def _body(self, message: Message) -> None:
         """Guard one body message (called by ``send`` with the send lock held, the stream still open).
@@ -525,8 +591,8 @@ class _GuardedResponse:
         """Feed ``guard`` the next bytes of a body; keep the deadline watcher and the delta count in step."""
         deltas = guard.deltas
         outputs = guard.feed(data, now)
-        if self.watching_until is not None or self.rearmed is not None:
-            self._wake_watcher(guard)  # the watcher waits on a deadline that text may have moved
+        if guard.timed:
+            self._watch()  # text may have armed a deadline, or moved it
         if guard.deltas != deltas:
             # Reported every DELTAS_PER_REPORT deltas (and when the stream ends), with that delta's
             # check time as the histogram's sample: metrics stay a small part of the per-delta cost.
@@ -614,57 +680,58 @@ class _GuardedResponse:
 
     # -- deadlines --------------------------------------------------------------------------
 
-    async def _watch_deadlines(self) -> None:
-        await self.armed.wait()
-        guard = self.guard
-        while guard is not None and guard is self.guard:
-            deadline = await self._next_deadline(guard)
-            if deadline is None:
-                return
-            await self._sleep_until(deadline)
-            async with self.send_lock:
-                if self.guard is guard and not self.closed:
-                    now = self.now()
-                    await self._emit(guard.expire(now), now, more_body=True)
+    def _timed_guard(self) -> StreamGuard | None:
+        """The guard whose deadlines count: a url fallback's, once it answers; else the stream's."""
+        return self.branch_guard if self.branch_guard is not None else self.guard
 
-    async def _next_deadline(self, guard: StreamGuard) -> float | None:
-        """The guard's next deadline, waiting while none is armed; None once none can be any more."""
-        while guard.timed and not guard.ended and not self.closed:
-            deadline = guard.deadline
-            if deadline is not None:
-                return deadline
-            # A limit fired and disarmed itself (a logged timeout): wait for text to re-arm it.
-            self.rearmed = rearmed = anyio.Event()
-            await rearmed.wait()
-        return None
+    def _watch(self) -> None:
+        """Keep the timer on the timed guard's next deadline: called when it may have changed.
 
-    async def _sleep_until(self, deadline: float) -> None:
-        """Sleep until ``deadline``, or until text moves the guard's next deadline earlier.
-
-        The first text replaces a first-token limit with an idle limit that may fall sooner.
+        A deadline that moved later (the idle limit, after each delta) leaves the timer where it
+        is: it fires, finds the deadline not yet due and sets itself again. Only a deadline that
+        moved earlier, or a new one, moves the timer.
         """
-        self.watching_until = deadline
-        self.deadline_moved = moved = anyio.Event()
-        with anyio.move_on_after(deadline - self.now()):
-            await moved.wait()
-        if self.deadline_moved is moved:  # not since taken over by a url fallback's watcher
-            self.watching_until = None
-
-    def _wake_watcher(self, guard: StreamGuard) -> None:
-        """Wake the deadline watcher if text armed a deadline it waits for, or brought its deadline forward.
-
-        Only asked while the watcher waits (``rearmed`` or ``watching_until`` is set): reading
-        the guard's deadline has a cost, and a watcher that is not waiting reads it itself when
-        it next looks. An untimed guard's watcher never waits at all.
-        """
-        deadline = guard.deadline
+        guard = self._timed_guard()
+        deadline = guard.deadline if guard is not None and not self.closed else None
+        timer = self.timer
         if deadline is None:
+            if timer is not None:
+                timer.cancel()
+                self.timer = None
             return
-        if self.rearmed is not None:
-            self.rearmed.set()
-            self.rearmed = None
-        if self.watching_until is not None and deadline < self.watching_until:
-            self.deadline_moved.set()
+        if timer is not None:
+            if self.timer_at <= deadline:
+                return
+            timer.cancel()
+        self.timer_at = deadline
+        self.timer = self.loop.call_at(deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        """The timer fired: expire the guard if its deadline is due (in a task: it sends)."""
+        self.timer = None
+        guard = self._timed_guard()
+        if guard is None or self.closed or self.expiring is not None:
+            return  # (a running expire sets the timer again when it is done)
+        deadline = guard.deadline
+        if deadline is not None and deadline > self.now():
+            self._watch()  # moved later since the timer was set
+        elif deadline is not None:
+            self.expiring = self.loop.create_task(self._expire(guard))
+
+    async def _expire(self, guard: StreamGuard) -> None:
+        try:
+            async with self.send_lock:
+                if guard is self._timed_guard() and not self.closed:
+                    now = self.now()
+                    if guard is self.branch_guard:
+                        await self._emit_branch(guard.expire(now), now)
+                        if self.closed and self.branch_scope is not None:
+                            self.branch_scope.cancel()  # a time limit ended the stream: stop reading the fallback
+                    else:
+                        await self._emit(guard.expire(now), now, more_body=True)
+        finally:
+            self.expiring = None
+        self._watch()
 
     # -- endings ----------------------------------------------------------------------------
 
@@ -811,13 +878,10 @@ class _GuardedResponse:
                     await self._emit_branch(guard.abort(now), now)
             return
         logger.info("rule %s: branching to fallback %r at %s", ended.rule, fallback.name, display_url(request.url))
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._end_branch_on_disconnect, tasks.cancel_scope)
-            tasks.start_soon(self._watch_branch_deadlines, guard, tasks.cancel_scope)
-            try:
-                await self._relay_fallback(guard, request)
-            finally:
-                tasks.cancel_scope.cancel()
+        with anyio.CancelScope() as scope:  # cancelled when the client leaves, or a time limit ends the stream
+            self.branch_scope = scope
+            self._watch()
+            await self._relay_fallback(guard, request)
 
     async def _relay_fallback(self, guard: StreamGuard, request: FallbackRequest) -> None:
         try:
@@ -853,20 +917,6 @@ class _GuardedResponse:
             # timeout); one that ends otherwise, as what ended it.
             self._settle(self.branch.outcome if ended.outcome is Outcome.COMPLETED else ended.outcome)
         await self._emit(outputs, now, more_body=ended is None)
-
-    async def _end_branch_on_disconnect(self, scope: anyio.CancelScope) -> None:
-        await self.client_gone.wait()
-        scope.cancel()
-
-    async def _watch_branch_deadlines(self, guard: StreamGuard, scope: anyio.CancelScope) -> None:
-        while (deadline := await self._next_deadline(guard)) is not None:
-            await self._sleep_until(deadline)
-            async with self.send_lock:
-                if not self.closed:
-                    now = self.now()
-                    await self._emit_branch(guard.expire(now), now)
-        if self.closed:
-            scope.cancel()  # a time limit ended the stream: stop reading the fallback
 
     # -- outcome ----------------------------------------------------------------------------
 
