@@ -46,7 +46,7 @@ $(COMPILED)/.built: $(VENV)/.installed setup.py $(shell find guardrail -name '*.
 run: $(VENV)/.installed-serve
 	$(VENV)/bin/guardrail serve --rules rules/default.yaml --host 127.0.0.1 --port $(PORT)
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(COMPILED)/.built
 	$(PY) bench/run.py
 
 clean:

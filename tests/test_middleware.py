@@ -7,7 +7,10 @@ so each test looks at the client's view between deltas. Order is forced with ``a
 
 from __future__ import annotations
 
+import gc
 import gzip
+import json
+import tracemalloc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -591,3 +594,43 @@ async def test_an_abort_after_one_choice_has_finished_ends_only_the_open_choice(
     assert joined_content(events, 1) == "key "
     assert finish_reasons(events) == [(0, "stop"), (1, "content_filter")]
     assert events[-1].is_done
+
+
+@pytest.mark.parametrize("url_fallback", [False, True], ids=["no url fallback", "url fallback"])
+async def test_an_open_stream_keeps_the_request_body_only_while_a_url_fallback_may_resend_it(
+    url_fallback: bool,
+) -> None:
+    # A long conversation's body, parsed, would otherwise stay in memory for as long as the answer
+    # streams: thousands of open streams times a few hundred KiB each.
+    messages = [{"role": "user", "content": "word " * 1000} for _ in range(100)]
+    body = json.dumps({"model": "m", "messages": messages, "stream": True}).encode()
+    paused, resume = anyio.Event(), anyio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # (and let go of it)
+        await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
+        await send({"type": "http.response.body", "body": CHAT.stream(["Hello."])[1], "more_body": True})
+        paused.set()
+        await resume.wait()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    fallback = Fallback("backup", url="http://127.0.0.1:9/v1/chat/completions") if url_fallback else FALLBACK
+    rule = BoundRule("secrets", BannedPatterns(phrases=[PHRASE]), Action.FALLBACK, fallback=fallback)
+    wrapped = guarded(app, rule)
+    recorder = Recorder()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        with anyio.fail_after(10):
+            async with running(wrapped, recorder, receive=Receiver(body)):
+                await paused.wait()
+                gc.collect()
+                held = tracemalloc.get_traced_memory()[0]
+                resume.set()
+    finally:
+        tracemalloc.stop()
+    assert recorder.content == "Hello."
+    if url_fallback:
+        assert held > len(body)  # kept, to re-send
+    else:
+        assert held < len(body) // 4

@@ -476,6 +476,7 @@ class _GuardedResponse:
             self.sniffed = bytearray()
         else:
             self._arm(framing)
+            self._drop_request()
         # The guard may change the body, so a length announced by the app would be wrong.
         drop = {b"content-length", b"content-encoding"} if self.decoder is not None else {b"content-length"}
         self.held_start = {**message, "headers": [(k, v) for k, v in headers if k.lower() not in drop]}
@@ -521,6 +522,16 @@ class _GuardedResponse:
         self.record.dialect = dialect_name
         self._watch()
 
+    def _drop_request(self) -> None:
+        """Let go of the request body once the answer's guard is armed, unless a url fallback may re-send it.
+
+        Everything read from it is known by now (prompt tokens, flags, what the dialect takes),
+        and a long conversation's body, parsed, would otherwise stay in memory as long as the
+        stream is open.
+        """
+        if not any(rule.fallback is not None and rule.fallback.url is not None for rule in self.rules):
+            self.request = ChatRequest()
+
     async def _body(self, message: Message) -> None:
         """Guard one body message (called by ``send`` with the send lock held, the stream still open).
 
@@ -547,6 +558,7 @@ class _GuardedResponse:
                 await self._unreadable_body(data, more_body)  # no NDJSON dialect here yet
                 return
             self._arm(framing)
+            self._drop_request()
         guard = self.guard
         assert guard is not None
         outputs = self._feed(guard, data, now)
