@@ -162,3 +162,23 @@ def test_a_match_starting_above_the_probed_characters_is_found() -> None:
         checker = rule.checker()
         verdicts = [checker.feed(text), checker.finish()]
         assert [hit.start for verdict in verdicts for hit in verdict.hits] == [start], text
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts)
+def test_a_string_read_whole_has_the_hits_a_fresh_checker_finds(text: str) -> None:
+    # Ids, error messages and comments are checked whole; the prefilter spares most of them a scan.
+    for rule in (
+        BannedPatterns(patterns=PATTERNS),
+        BannedPatterns(patterns=pack_patterns("default.yaml"), normalize=True),
+        BannedPatterns(patterns=[r"(?<=key=)[a-z]{4}"]),  # no prefilter at all
+    ):
+        checker = rule.checker()
+        assert rule.check_whole(text) == checker.feed(text).hits + checker.finish().hits, text
+
+
+def test_a_string_read_whole_finds_a_key_and_skips_an_id() -> None:
+    rule = BannedPatterns(patterns=pack_patterns("default.yaml"))
+    key = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2"
+    assert [(hit.start, hit.end) for hit in rule.check_whole(f"id {key}!")] == [(3, 3 + len(key))]
+    assert rule.check_whole("chatcmpl-AbCdEfGh") == ()

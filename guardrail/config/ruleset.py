@@ -20,6 +20,9 @@ def _compile_globs(globs: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{fnmatch.translate(glob)})" for glob in globs))
 
 
+_NOTHING_HIDDEN: frozenset[Kind] = frozenset()  # shared by every stream that hides nothing
+
+
 @dataclass(frozen=True, slots=True)
 class RuleGroup:
     """The rules of one rule file, and the request paths they guard.
@@ -82,7 +85,7 @@ class RuleSet:
                 hidden.add(Kind.REASONING)
                 if tool_calls:
                     hidden.add(Kind.TOOL)
-        return frozenset(hidden)
+        return frozenset(hidden) if hidden else _NOTHING_HIDDEN
 
     def passes_unreadable(self, path: str) -> bool:
         """Whether answers on ``path`` that the guard cannot read pass unguarded (else they are refused)."""

@@ -385,7 +385,11 @@ class StreamGuard:
         self._text_before = dict(text_before or {})
         self._hide = frozenset(hide)
         self._text_rules = tuple(rule for rule in self._rules if rule.checks_text)
-        self._field_rules = tuple(rule for rule in self._text_rules if getattr(rule.rule, "scans_fields", False))
+        self._field_rules = tuple(
+            (rule, _whole_text_check(cast(Rule, rule.rule)))
+            for rule in self._text_rules
+            if getattr(rule.rule, "scans_fields", False)
+        )
         self._timers: list[tuple[BoundRule, Timer]] = [
             (rule, cast(TimedRule, rule.rule).timer(start)) for rule in self._rules if rule.watches_time
         ]
@@ -709,10 +713,9 @@ class StreamGuard:
         for text in others:
             if text in clean:
                 continue
-            for rule in self._field_rules:
-                checker = cast(Rule, rule.rule).checker()
+            for rule, check in self._field_rules:
                 try:
-                    hits = checker.feed(text).hits + checker.finish().hits
+                    hits = check(text)
                 except Exception as exc:
                     raise RuleError(rule.name, f"{type(exc).__name__}: {exc}") from exc
                 if not hits:
@@ -883,6 +886,20 @@ class _Wait(NamedTuple):
 # Strings outside channels (ids, model names, comments) repeat on every event: each is checked
 # once per stream. The cache is cleared when full, so a stream of ever-new strings costs a check each.
 _CLEAN_STRINGS = 1024
+
+
+def _whole_text_check(rule: Rule) -> Callable[[str], tuple[Hit, ...]]:
+    """How ``rule`` checks one string read whole: its own ``check_whole`` if it has one, else a fresh checker."""
+    own = getattr(rule, "check_whole", None)
+    if own is not None:
+        return cast(Callable[[str], tuple[Hit, ...]], own)
+
+    def check(text: str) -> tuple[Hit, ...]:
+        checker = rule.checker()
+        return checker.feed(text).hits + checker.finish().hits
+
+    return check
+
 
 _TIMEOUT_MESSAGES = {
     "idle_timeout": "the model sent no text for too long",

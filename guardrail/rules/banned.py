@@ -340,6 +340,24 @@ class BannedPatterns:
         self._prefilter = _prefilter([source for source, _ in alternatives]) if alternatives else None
         self._timeout = timeout
 
+    def check_whole(self, text: str) -> tuple[Hit, ...]:
+        """The hits in ``text`` read whole (an id, an error message): what a fresh checker finds.
+
+        A string that not one character of can start a match (the prefilter's verdict, as a
+        checker's first step would find) costs one search; any other goes through a checker.
+        """
+        prefilter = self._prefilter
+        if (
+            prefilter is not None
+            and self._index is None
+            and not self.normalize
+            and prefilter.search(text) is None
+            and (text.isascii() or _UNPROBED.search(text) is None)
+        ):
+            return ()
+        checker = self.checker()
+        return checker.feed(text).hits + checker.finish().hits
+
     def checker(self) -> Checker:
         """A fresh checker for one channel of one stream."""
         checker: Checker
