@@ -14,7 +14,7 @@ class RequestClock:
 
     ``anyio.current_time()`` looks up the running async library on every call, which shows in
     a profile of the per-delta path. Both clocks are monotonic, so an offset taken once gives
-    times that ``anyio.sleep_until`` understands.
+    times on the event loop's clock (what ``loop.call_at`` takes).
     """
 
     __slots__ = ("_offset",)
@@ -29,7 +29,7 @@ class RequestClock:
 class SendLock:
     """A lock for one request's sends, free of any checkpoint when nobody holds it.
 
-    The app's sends and the deadline watcher's take turns through it. Uncontended (nearly every
+    The app's sends and a passed deadline's take turns through it. Uncontended (nearly every
     delta), acquiring costs a flag check; a waiter is handed the lock in order, and a waiter
     cancelled while queued gives its turn to the next.
 

@@ -418,7 +418,7 @@ class _GuardedResponse:
         # nearly always nobody else is sending.
         lock = self.send_lock
         if not lock.acquire_nowait():
-            await lock.acquire()  # the deadline watcher is sending: wait for it
+            await lock.acquire()  # a passed deadline is being sent: wait for it
         try:
             if self.closed or self.branch is not None:
                 return  # ended while this message waited for the lock
@@ -600,7 +600,7 @@ class _GuardedResponse:
         await self._emit(self.guard.upstream_failed(detail, now), now, more_body=False)
 
     def _feed(self, guard: StreamGuard, data: bytes, now: float) -> list[Output]:
-        """Feed ``guard`` the next bytes of a body; keep the deadline watcher and the delta count in step."""
+        """Feed ``guard`` the next bytes of a body; keep the deadline timer and the delta count in step."""
         deltas = guard.deltas
         outputs = guard.feed(data, now)
         if guard.timed:
