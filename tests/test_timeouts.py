@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware import Middleware
 
 from guardrail._types import ASGIApp, Message, Receive, Scope, Send
-from guardrail.asgi import GuardrailMiddleware
+from guardrail.asgi import GuardrailMiddleware, middleware
+from guardrail.asgi._sync import RequestClock
 from guardrail.config import RuleSet, load_rules
 from guardrail.core.engine import StreamGuard
 from guardrail.core.outputs import Ended, Intervention, Outcome, Output, Send as SendBytes
@@ -619,3 +620,43 @@ async def test_a_guarded_stream_adds_one_task_and_none_per_deadline(timed: bool)
             assert recorder.completed.is_set()
     bare, guarded = counted[: len(counted) // 2], counted[len(counted) // 2 :]
     assert [count - 1 for count in guarded] == bare
+
+
+@pytest.mark.anyio
+async def test_a_timer_that_fires_early_by_the_guards_clock_is_set_again_not_spun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The event loop's clock may run ahead of the guard's finer one (uvloop's has millisecond
+    # resolution), so a deadline timer can fire before the deadline by the guard's clock. It is
+    # then set again a millisecond on, not re-fired at once, over and over, until the clocks agree.
+    class LaggingClock(RequestClock):
+        __slots__ = ()
+
+        def __call__(self) -> float:
+            return super().__call__() - 0.005  # 5 ms behind the loop
+
+    fired = 0
+    deadline_passed = middleware._GuardedResponse._deadline_passed
+
+    def counted(self: middleware._GuardedResponse) -> None:
+        nonlocal fired
+        fired += 1
+        deadline_passed(self)
+
+    monkeypatch.setattr(middleware, "RequestClock", LaggingClock)
+    monkeypatch.setattr(middleware._GuardedResponse, "_deadline_passed", counted)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
+        await send({"type": "http.response.body", "body": CHAT.stream(["Hello"])[1], "more_body": True})
+        await anyio.sleep(2)  # silent past the idle limit
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    rules = RuleSet.from_rules([idle_rule(Action.ABORT, seconds=0.2)])
+    wrapped = GuardrailMiddleware(app, rules=rules, metrics=GuardMetrics(CollectorRegistry()))
+    recorder = Recorder()
+    with anyio.fail_after(5):
+        await wrapped(http_scope(), Receiver(), recorder)
+    assert b"idle_timeout" in b"".join(message.get("body", b"") for message in recorder.messages)
+    assert 1 <= fired <= 8, fired  # (spinning, it fires hundreds of times in those 5 ms)

@@ -185,6 +185,9 @@ def _request_id(scope: Scope) -> str:
 _GENERATORS: contextvars.ContextVar[list[weakref.ref[AsyncGenerator[Any, Any]]]] = contextvars.ContextVar(
     "guardrail_generators"
 )
+# A deadline timer that fires before its deadline by the clock is set again at least this much later.
+TIMER_RESOLUTION = 0.001
+
 # How long closing an app's generators after the guard stopped it may take.
 CLOSE_GENERATORS_SECONDS = 1.0
 
@@ -725,9 +728,14 @@ class _GuardedResponse:
         if guard is None or self.closed or self.expiring is not None:
             return  # (a running expire sets the timer again when it is done)
         deadline = guard.deadline
-        if deadline is not None and deadline > self.now():
-            self._watch()  # moved later since the timer was set
-        elif deadline is not None:
+        if deadline is None:
+            return
+        if deadline > self.now():
+            # Moved later since the timer was set, or the loop fired early by its clock's
+            # resolution (uvloop's is a millisecond): look again then, and not sooner than that.
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(max(deadline, self.loop.time() + TIMER_RESOLUTION), self._deadline_passed)
+        else:
             self.expiring = self.loop.create_task(self._expire(guard))
 
     async def _expire(self, guard: StreamGuard) -> None:
