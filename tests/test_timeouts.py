@@ -660,3 +660,76 @@ async def test_a_timer_that_fires_early_by_the_guards_clock_is_set_again_not_spu
         await wrapped(http_scope(), Receiver(), recorder)
     assert b"idle_timeout" in b"".join(message.get("body", b"") for message in recorder.messages)
     assert 1 <= fired <= 8, fired  # (spinning, it fires hundreds of times in those 5 ms)
+
+
+WHOLE_ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "A long answer."}, "finish_reason": "stop"}
+        ],
+    }
+).encode()
+
+
+def whole_answer_app(*, think: float, stall: float) -> ASGIApp:
+    """A JSON answer: ``think`` seconds before it starts, its body in two parts ``stall`` seconds apart."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await anyio.sleep(think)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": WHOLE_ANSWER[:30], "more_body": True})
+        await anyio.sleep(stall)
+        await send({"type": "http.response.body", "body": WHOLE_ANSWER[30:], "more_body": False})
+
+    return app
+
+
+async def answer_to(app: ASGIApp, *, stream: bool, limits: BoundRule) -> tuple[int, dict[str, Any]]:
+    wrapped = GuardrailMiddleware(app, rules=RuleSet.from_rules([limits]), metrics=GuardMetrics(CollectorRegistry()))
+    recorder = Recorder()
+    request = json.dumps({"model": "m", "messages": [], "stream": stream}).encode()
+    with anyio.fail_after(10):
+        await wrapped(http_scope(), Receiver(request), recorder)
+    start, *bodies = recorder.messages
+    assert dict(start["headers"])[b"content-type"] == b"application/json"
+    return start["status"], json.loads(b"".join(body.get("body", b"") for body in bodies))
+
+
+@pytest.mark.anyio
+async def test_a_whole_answer_is_not_held_to_time_limits_while_the_model_writes_it() -> None:
+    # "stream": false: nothing arrives until the model has written the whole answer, which may
+    # take far longer than an idle or first-token limit; its body arriving in parts is no stall.
+    app = whole_answer_app(think=0.5, stall=0.05)
+    status, body = await answer_to(
+        app, stream=False, limits=idle_rule(Action.ABORT, seconds=0.2, first_token_seconds=0.2)
+    )
+    assert (status, body) == (200, json.loads(WHOLE_ANSWER))
+
+
+@pytest.mark.anyio
+async def test_a_whole_answer_that_stalls_inside_its_body_ends_with_a_504() -> None:
+    app = whole_answer_app(think=0.0, stall=2.0)
+    status, body = await answer_to(
+        app, stream=False, limits=idle_rule(Action.ABORT, seconds=0.2, first_token_seconds=0.2)
+    )
+    assert status == 504
+    assert body["error"]["code"] in ("idle_timeout", "first_token_timeout")
+
+
+@pytest.mark.anyio
+async def test_a_stream_request_answered_as_json_that_never_starts_its_body_gets_a_json_504() -> None:
+    # The client asked for a stream, so its first-token limit counts from the request; the answer's
+    # headers said JSON, so the ending is the JSON error they promise, not event-stream bytes.
+    async def silent_after_start(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await anyio.sleep(2)  # (the guard ends the answer and stops the app before this is over)
+
+    status, body = await answer_to(
+        silent_after_start, stream=True, limits=idle_rule(Action.ABORT, seconds=0.3, first_token_seconds=0.2)
+    )
+    assert status == 504
+    assert body["error"]["code"] == "first_token_timeout"

@@ -185,6 +185,9 @@ def _request_id(scope: Scope) -> str:
 _GENERATORS: contextvars.ContextVar[list[weakref.ref[AsyncGenerator[Any, Any]]]] = contextvars.ContextVar(
     "guardrail_generators"
 )
+# The status of a whole (JSON) answer the guard ended with an error, by outcome.
+_WHOLE_BODY_STATUS = {Outcome.UPSTREAM_ERROR: 502, Outcome.TIMEOUT: 504}
+
 # A deadline timer that fires before its deadline by the clock is set again at least this much later.
 TIMER_RESOLUTION = 0.001
 
@@ -513,7 +516,9 @@ class _GuardedResponse:
         self.guard = StreamGuard(
             self.rules,
             stream,
-            start=self.start,
+            # Time limits count from the request for a client that asked for a stream; a whole
+            # answer is not held to them while the model writes it, only once its body starts.
+            start=self.start if self.request.stream else self.now(),
             encoding=self.encoding,
             prompt_tokens=self.prompt_tokens,
             hide=self.middleware.rules.hidden_on(self.path),
@@ -651,10 +656,12 @@ class _GuardedResponse:
             start = {"type": "http.response.start", "status": 200, "headers": headers}
         self.held_start = None
         if self.framing is Framing.JSON and not more_body:
-            # A whole body goes out at once, with its length (and as a 502 if the guard failed it).
+            # A whole body goes out at once, with its length; as a 502 if the guard failed it, a 504
+            # if a time limit ended it (an error body: there is no stop reason for a whole body to carry).
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
             headers.append((b"content-length", b"%d" % len(data)))
-            status = 502 if ended is not None and ended.outcome is Outcome.UPSTREAM_ERROR else start.get("status", 200)
+            status = _WHOLE_BODY_STATUS.get(ended.outcome) if ended is not None else None
+            status = status or start.get("status", 200)
             start = {**start, "status": status, "headers": headers}
         await self.downstream(start)
         self.metrics.stream_started(self._dialect_name())
@@ -748,10 +755,28 @@ class _GuardedResponse:
                         if self.closed and self.branch_scope is not None:
                             self.branch_scope.cancel()  # a time limit ended the stream: stop reading the fallback
                     else:
+                        guard = self._framed_for_ending(guard)
                         await self._emit(guard.expire(now), now, more_body=True)
         finally:
             self.expiring = None
         self._watch()
+
+    def _framed_for_ending(self, guard: StreamGuard) -> StreamGuard:
+        """The guard to end the answer with when a deadline passes before its body showed its framing.
+
+        A stream request whose answer is labelled JSON but has sent no body yet still has the
+        guard armed at the request's start, which writes event-stream bytes: the ending goes out
+        as the JSON body the label promises instead (a 504 with the dialect's error).
+        """
+        if (
+            self.sniffed is None
+            or sniff_framing(bytes(self.sniffed), self.content_type, complete=True) is not Framing.JSON
+        ):
+            return guard
+        self.sniffed = None
+        self._arm(Framing.JSON)
+        assert self.guard is not None
+        return self.guard
 
     # -- endings ----------------------------------------------------------------------------
 
