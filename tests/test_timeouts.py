@@ -733,3 +733,97 @@ async def test_a_stream_request_answered_as_json_that_never_starts_its_body_gets
     )
     assert status == 504
     assert body["error"]["code"] == "first_token_timeout"
+
+
+def stalling_app(after_stall: str) -> ASGIApp:
+    """One delta, then silence past the idle limit; then the app returns, fails, or streams on."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
+        await send({"type": "http.response.body", "body": CHAT.stream(["Hello"])[1], "more_body": True})
+        await anyio.sleep(0.25)  # past the 0.2 s limit: the ending is being written now
+        if after_stall == "fails":
+            raise ConnectionError("upstream reset")
+        while after_stall == "streams on":
+            await send({"type": "http.response.body", "body": CHAT.stream([" more"])[1], "more_body": True})
+            await anyio.sleep(0.01)
+
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("after_stall", ["returns", "fails"])
+async def test_an_ending_being_written_when_the_app_stops_goes_out_whole_and_once(after_stall: str) -> None:
+    bodies: list[Message] = []
+
+    async def slow_client(message: Message) -> None:
+        if bodies and not bodies[-1].get("more_body", False):
+            raise RuntimeError("a message after the response was complete")  # as uvicorn does
+        if message["type"] == "http.response.body":
+            if b"idle_timeout" in message.get("body", b""):
+                await anyio.sleep(0.1)  # a socket write under back-pressure
+            bodies.append(message)
+
+    wrapped = GuardrailMiddleware(
+        stalling_app(after_stall),
+        rules=RuleSet.from_rules([idle_rule(Action.ABORT, seconds=0.2)]),
+        metrics=GuardMetrics(CollectorRegistry()),
+    )
+    with anyio.fail_after(5):
+        try:
+            await wrapped(http_scope(), Receiver(), slow_client)
+        except ConnectionError:
+            assert after_stall == "fails"  # the app's own exception, once the client has its ending
+    assert [message.get("more_body", False) for message in bodies] == [True, False]
+    assert b"idle_timeout" in bodies[-1]["body"]
+
+
+@pytest.mark.anyio
+async def test_a_server_send_that_fails_with_the_ending_stops_the_app_and_fails_the_request() -> None:
+    sent_after: list[float] = []
+    app = stalling_app("streams on")
+
+    async def counting_app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def counted(message: Message) -> None:
+            if message.get("body", b"").count(b"more"):
+                sent_after.append(time.monotonic())
+            await send(message)
+
+        await app(scope, receive, counted)
+
+    async def broken_client(message: Message) -> None:
+        if b"idle_timeout" in message.get("body", b""):
+            raise RuntimeError("the server's send failed")
+
+    registry = CollectorRegistry()
+    wrapped = GuardrailMiddleware(
+        counting_app, rules=RuleSet.from_rules([idle_rule(Action.ABORT, seconds=0.2)]), metrics=GuardMetrics(registry)
+    )
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="send failed"):
+        await wrapped(http_scope(), Receiver(), broken_client)
+    assert sent_after == []  # stopped at the deadline, not left streaming into nothing
+    assert registry.get_sample_value("guardrail_active_streams") == 0.0
+
+
+@pytest.mark.anyio
+async def test_a_server_receive_that_fails_stops_the_app_and_fails_the_request() -> None:
+    calls = 0
+
+    async def broken_receive() -> Message:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b'{"model":"m","messages":[],"stream":true}', "more_body": False}
+        await anyio.sleep(0.05)
+        raise RuntimeError("the server's receive failed")
+
+    registry = CollectorRegistry()
+    wrapped = GuardrailMiddleware(
+        stalling_app("streams on"),
+        rules=RuleSet.from_rules([idle_rule(Action.ABORT, seconds=5)]),
+        metrics=GuardMetrics(registry),
+    )
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="receive failed"):
+        await wrapped(http_scope(), broken_receive, Recorder())
+    assert registry.get_sample_value("guardrail_active_streams") == 0.0

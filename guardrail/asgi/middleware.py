@@ -256,6 +256,7 @@ class _GuardedResponse:
         "early_hits",
         "encoding",
         "expiring",
+        "failure",
         "framing",
         "guard",
         "held_start",
@@ -317,6 +318,7 @@ class _GuardedResponse:
         self.timer: asyncio.TimerHandle | None = None  # set for the guard's next deadline, while one is armed
         self.timer_at = 0.0
         self.expiring: asyncio.Task[None] | None = None  # a deadline passed: expire() runs in this task
+        self.failure: Exception | None = None  # the server's receive or send, failed in a helper task
         self.record: StreamRecord | None = None
         self.early_hits: list[RuleHit] = []
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
@@ -343,7 +345,7 @@ class _GuardedResponse:
             _GENERATORS.reset(token)
             if self.app_scope.cancel_called:
                 await _close_generators(generators)
-        self._finish()
+            self._finish()
         if self.app_error is not None:
             # ASGI manners: the server sees the app's own exception (the client has its ending).
             raise self.app_error
@@ -374,6 +376,8 @@ class _GuardedResponse:
                 self.timer.cancel()
                 self.timer = None
             await _stop(self.expiring, listener)
+        if self.failure is not None:
+            raise self.failure
 
     # -- receive ----------------------------------------------------------------------------
 
@@ -395,12 +399,25 @@ class _GuardedResponse:
         return replay_then_receive
 
     async def _listen_for_disconnect(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self._client_went_away()
-                return
-            await anyio.lowlevel.checkpoint()  # a server that answers at once must not starve the app
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self._client_went_away()
+                    return
+                await anyio.lowlevel.checkpoint()  # a server that answers at once must not starve the app
+        except Exception as exc:
+            self._helper_failed(exc)
+
+    def _helper_failed(self, exc: Exception) -> None:
+        """The server's receive or send failed in a helper task: stop the app; the request raises it."""
+        if self.failure is None:
+            self.failure = exc
+        self._settle(Outcome.CLIENT_DISCONNECTED)  # (the connection is what failed)
+        self.closed = True
+        if self.left is not None and not self.left.done():
+            self.left.set_result(None)
+        self.app_scope.cancel()
 
     def _client_went_away(self) -> None:
         self.client_left = True
@@ -757,6 +774,8 @@ class _GuardedResponse:
                     else:
                         guard = self._framed_for_ending(guard)
                         await self._emit(guard.expire(now), now, more_body=True)
+        except Exception as exc:
+            self._helper_failed(exc)
         finally:
             self.expiring = None
         self._watch()
@@ -781,10 +800,13 @@ class _GuardedResponse:
     # -- endings ----------------------------------------------------------------------------
 
     async def _app_returned(self) -> None:
-        if self.guard is not None and self.response_started and not self.closed and not self.guard.ended:
-            # The app returned without completing its body: finish it cleanly rather than let the
-            # server cut the connection (which clients report as a network error).
-            async with self.send_lock:
+        if self.guard is None or not self.response_started:
+            return
+        # Under the lock: a passed deadline's ending may be on its way out; it finishes first.
+        async with self.send_lock:
+            if not self.closed and not self.guard.ended:
+                # The app returned without completing its body: finish it cleanly rather than let
+                # the server cut the connection (which clients report as a network error).
                 now = self.now()
                 await self._emit(self.guard.close(now), now, more_body=False)
 
@@ -798,6 +820,8 @@ class _GuardedResponse:
             return  # not a guarded stream: not ours to mend
         logger.error("app failed while streaming %s", self.scope.get("path", ""), exc_info=exc)
         async with self.send_lock:
+            if self.closed:
+                return  # a passed deadline's ending went out while this waited for the lock
             if not self.response_started:
                 await self._send_error_response(502, "upstream_error", "the app failed before it answered")
                 self.closed = True
