@@ -161,16 +161,12 @@ class GuardrailMiddleware:
 
 
 async def _stop(*tasks: asyncio.Task[None] | None) -> None:
-    """Cancel a request's helper tasks and wait for them to end; a failure of theirs is the request's."""
+    """Cancel a request's helper tasks and wait for them to end (they hand their failures to the request)."""
     running = [task for task in tasks if task is not None]
-    if not running:
-        return
     for task in running:
         task.cancel()
-    await asyncio.wait(running)
-    for task in running:
-        if not task.cancelled() and task.exception() is not None:
-            raise cast(BaseException, task.exception())
+    if running:
+        await asyncio.wait(running)
 
 
 def _request_id(scope: Scope) -> str:
@@ -372,9 +368,7 @@ class _GuardedResponse:
             if self.branch is not None:
                 await self._branch(self.branch)
         finally:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self._set_timer(None)
             await _stop(self.expiring, listener)
         if self.failure is not None:
             raise self.failure
@@ -410,14 +404,10 @@ class _GuardedResponse:
             self._helper_failed(exc)
 
     def _helper_failed(self, exc: Exception) -> None:
-        """The server's receive or send failed in a helper task: stop the app; the request raises it."""
+        """The server's receive or send failed in a helper task: the connection is gone; the request raises it."""
         if self.failure is None:
             self.failure = exc
-        self._settle(Outcome.CLIENT_DISCONNECTED)  # (the connection is what failed)
-        self.closed = True
-        if self.left is not None and not self.left.done():
-            self.left.set_result(None)
-        self.app_scope.cancel()
+        self._client_went_away()
 
     def _client_went_away(self) -> None:
         self.client_left = True
@@ -732,18 +722,17 @@ class _GuardedResponse:
         """
         guard = self._timed_guard()
         deadline = guard.deadline if guard is not None and not self.closed else None
-        timer = self.timer
-        if deadline is None:
-            if timer is not None:
-                timer.cancel()
-                self.timer = None
-            return
-        if timer is not None:
-            if self.timer_at <= deadline:
-                return
-            timer.cancel()
-        self.timer_at = deadline
-        self.timer = self.loop.call_at(deadline, self._deadline_passed)
+        if deadline is None or self.timer is None or deadline < self.timer_at:
+            self._set_timer(deadline)
+
+    def _set_timer(self, deadline: float | None, at: float | None = None) -> None:
+        """Set the timer for ``deadline`` (to fire at ``at``, if later), replacing any; None: no timer."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if deadline is not None:
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline if at is None else at, self._deadline_passed)
 
     def _deadline_passed(self) -> None:
         """The timer fired: expire the guard if its deadline is due (in a task: it sends)."""
@@ -757,8 +746,7 @@ class _GuardedResponse:
         if deadline > self.now():
             # Moved later since the timer was set, or the loop fired early by its clock's
             # resolution (uvloop's is a millisecond): look again then, and not sooner than that.
-            self.timer_at = deadline
-            self.timer = self.loop.call_at(max(deadline, self.loop.time() + TIMER_RESOLUTION), self._deadline_passed)
+            self._set_timer(deadline, max(deadline, self.loop.time() + TIMER_RESOLUTION))
         else:
             self.expiring = self.loop.create_task(self._expire(guard))
 

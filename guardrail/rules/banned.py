@@ -346,14 +346,7 @@ class BannedPatterns:
         A string that not one character of can start a match (the prefilter's verdict, as a
         checker's first step would find) costs one search; any other goes through a checker.
         """
-        prefilter = self._prefilter
-        if (
-            prefilter is not None
-            and self._index is None
-            and not self.normalize
-            and prefilter.search(text) is None
-            and (text.isascii() or _UNPROBED.search(text) is None)
-        ):
+        if self._index is None and not self.normalize and _starts_nothing(self._prefilter, text, 0):
             return ()
         checker = self.checker()
         return checker.feed(text).hits + checker.finish().hits
@@ -369,6 +362,17 @@ class BannedPatterns:
             if self._index is not None:
                 checker = _Both(checker, self._index.checker())
         return FoldedChecker(checker) if self.normalize else checker
+
+
+def _starts_nothing(prefilter: re.Pattern[str] | None, text: str, start: int) -> bool:
+    """Whether no match can start at or after ``start`` in ``text``, by the prefilter's probes.
+
+    The prefilter sees the character before ``start``, for its lookbehinds; characters not
+    probed (from PROBED_BELOW on) may start a match, so text holding one is always searched.
+    """
+    if prefilter is None or prefilter.search(text, start) is not None:
+        return False
+    return text.isascii() or _UNPROBED.search(text, start) is None
 
 
 class _Both:
@@ -427,14 +431,7 @@ class BannedPatternsChecker:
         start = len(tail)
         idle = self._scan == self._base + start  # no match can have started before the new text
         self._tail = tail = tail + text
-        prefilter = self._prefilter
-        # The prefilter sees the character before the text, for its lookbehinds.
-        if (
-            idle
-            and prefilter is not None
-            and prefilter.search(tail, start) is None
-            and (text.isascii() or _UNPROBED.search(text) is None)  # characters not probed may start one
-        ):
+        if idle and _starts_nothing(self._prefilter, tail, start):
             # Not one character of it can start a match: keep it only as lookbehind context.
             self._scan += len(text)
             if len(tail) > 2 * LOOKBEHIND_CHARS:
