@@ -24,7 +24,10 @@ that the imports of a first request do not land in the timed run.
 CPU is ``time.process_time()`` over the run. Memory per stream is measured apart, with
 tracemalloc (which slows everything down, so not during the timed run): every stream sends
 ``MEMORY_DELTAS`` deltas and waits; the traced memory then, over the streams, is the memory per
-open stream, guarded minus unguarded the guard's share.
+open stream, guarded minus unguarded the guard's share. The client's side keeps the times its
+bodies arrived but not the bodies: a server lets go of a body once it is sent, so a copy the
+client keeps is not the server's memory (the guard's rewritten events would count, the app's
+own events, shared, would not).
 
     python bench/concurrency.py [--streams 1000] [--deltas 150] [--pace 30] [--fewer 100 250 500]
 """
@@ -77,12 +80,14 @@ class Probe:
     received_at: list[float] = field(default_factory=list)
     sent_by_then: list[int] = field(default_factory=list)  # deltas the app had sent when it arrived
     bodies: list[bytes] = field(default_factory=list)
+    keep_bodies: bool = True
 
     async def downstream(self, message: Message) -> None:
         if message["type"] == "http.response.body":
             self.received_at.append(time.perf_counter())
             self.sent_by_then.append(len(self.sent_at))
-            self.bodies.append(message.get("body", b""))
+            if self.keep_bodies:
+                self.bodies.append(message.get("body", b""))
 
 
 def paced_app(probes: Sequence[Probe], barrier: asyncio.Event | None = None) -> ASGIApp:
@@ -236,6 +241,8 @@ def warm_up() -> None:
 def memory_per_stream(streams: int, *, guarded: bool) -> float:
     """Traced bytes per open stream after each has sent ``MEMORY_DELTAS`` deltas (see module docstring)."""
     probes = make_probes(streams, MEMORY_DELTAS + 1)
+    for probe in probes:
+        probe.keep_bodies = False
     barrier = asyncio.Event()
     app = paced_app(probes, barrier)
     wrapped = GuardrailMiddleware(app, rules=str(bench_rules())) if guarded else app

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
 import pytest
+import regex
+from hypothesis import given, settings, strategies as st
 
 from guardrail.core.engine import StreamGuard
 from guardrail.core.outputs import Send
 from guardrail.core.rule import Action, BoundRule
-from guardrail.rules.banned import BannedPatterns
+from guardrail.rules.banned import INDEX_PHRASES_FROM, BannedPatterns, phrase_pattern
 
 
 def client_text(rule: BannedPatterns, text: str, *, byte_step: int) -> str:
@@ -92,3 +95,47 @@ def test_a_pattern_still_on_its_way_is_held_though_a_later_phrase_is_complete() 
     assert checker.feed("tlights PROJECT\nstarlight").safe == 0
     verdict = checker.feed("LInFEX6Ppy1tPf9\n-----END RSA PRIVATE KEY----- and then some more text")
     assert [(hit.start, hit.detail.startswith("pattern")) for hit in verdict.hits] == [(0, True)]
+
+
+# --- the word index finds what the phrases' regexes find ----------------------------------------
+
+INDEX_WORDS = ["alpha", "beta", "gamma", "d3lta", "eps_1", "zeta", "Éta", "thé", "x"]
+INDEXED = [f"{a} {b}" for a in INDEX_WORDS for b in INDEX_WORDS] + ["alpha beta gamma", "thé x zeta"]
+
+
+def regex_phrase_hits(text: str) -> set[tuple[int, int]]:
+    """Each position's longest phrase, found with the phrases' own regexes."""
+    compiled = [(len(p.split()), regex.compile(phrase_pattern(p))) for p in INDEXED]
+    hits = set()
+    for start in range(len(text)):
+        found = [(words, m.end()) for words, pattern in compiled if (m := pattern.match(text, start))]
+        if found:
+            hits.add((start, max(found)[1]))
+    return hits
+
+
+# The words in both cases, and what sits beside words: whitespace (a no-break space too),
+# punctuation, word characters that are not letters, an accented letter and a combining mark.
+PIECES = [*INDEX_WORDS, *(word.upper() for word in INDEX_WORDS)]
+PIECES += [" ", "  ", "\n", "\t", ".", "-", "_", "9", "é", "\u0301", "\u00a0"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(PIECES), max_size=40),
+    st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=8),
+)
+def test_the_word_index_finds_exactly_what_the_phrase_regexes_find(pieces: list[str], steps: list[int]) -> None:
+    text = "".join(pieces)
+    rule = BannedPatterns(phrases=INDEXED)
+    assert len(INDEXED) > INDEX_PHRASES_FROM  # (so the rule uses the word index)
+    checker = rule.checker()
+    hits: set[tuple[int, int]] = set()
+    at = 0
+    for step in itertools.cycle(steps):
+        if at >= len(text):
+            break
+        hits.update((hit.start, hit.end) for hit in checker.feed(text[at : at + step]).hits)
+        at += step
+    hits.update((hit.start, hit.end) for hit in checker.finish().hits)
+    assert hits == regex_phrase_hits(text)

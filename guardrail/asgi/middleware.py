@@ -241,6 +241,7 @@ class _GuardedResponse:
         "app_error",
         "app_scope",
         "app_started",
+        "armed",
         "branch",
         "branch_guard",
         "branch_scope",
@@ -249,22 +250,23 @@ class _GuardedResponse:
         "content_type",
         "decoder",
         "downstream",
-        "early_hits",
         "encoding",
         "expiring",
         "failure",
         "framing",
         "guard",
         "held_start",
+        "hits",
         "left",
+        "listener",
         "loop",
         "metrics",
         "middleware",
+        "model",
         "now",
         "outcome",
         "path",
         "prompt_tokens",
-        "record",
         "replay",
         "request",
         "request_id",
@@ -314,9 +316,11 @@ class _GuardedResponse:
         self.timer: asyncio.TimerHandle | None = None  # set for the guard's next deadline, while one is armed
         self.timer_at = 0.0
         self.expiring: asyncio.Task[None] | None = None  # a deadline passed: expire() runs in this task
+        self.listener: asyncio.Task[None] | None = None  # waits for the client to leave, once the body is read
         self.failure: Exception | None = None  # the server's receive or send, failed in a helper task
-        self.record: StreamRecord | None = None
-        self.early_hits: list[RuleHit] = []
+        self.armed = False  # a guard was armed for the answer: the stream gets a record
+        self.model: str | None = None  # the model the request names, for the record
+        self.hits: list[RuleHit] = []  # for the record
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
         self.branch_guard: StreamGuard | None = None  # and guards its answer
         self.branch_scope: anyio.CancelScope | None = None  # and is read in this scope
@@ -332,46 +336,50 @@ class _GuardedResponse:
         self.framing = Framing.SSE
 
     async def run(self, receive: Receive) -> None:
+        # One coroutine for the whole request, the app's call included: each coroutine still
+        # waiting is a frame kept for as long as the stream is open.
         generators: list[weakref.ref[AsyncGenerator[Any, Any]]] = []
         token = _GENERATORS.set(generators)
         _track_async_generators()
         try:
-            await self._run(receive)
+            whole = await self._read_request(receive)
+            if whole is not None:
+                if whole:
+                    self.listener = self.loop.create_task(self._listen_for_disconnect(receive))
+                app_receive = self._receive_for_app if whole else self._receive_then(receive)
+                try:
+                    with self.app_scope:
+                        await self.middleware.app(self.scope, app_receive, self.send)
+                    await self._app_returned()
+                except Exception as exc:
+                    await self._app_failed(exc)
+                if self.branch is not None:
+                    await self._branch(self.branch)
         finally:
+            self._set_timer(None)
+            await _stop(self.expiring, self.listener)
             _GENERATORS.reset(token)
             if self.app_scope.cancel_called:
                 await _close_generators(generators)
             self._finish()
+        if self.failure is not None:
+            raise self.failure  # the server's receive or send failed: the connection is gone
         if self.app_error is not None:
             # ASGI manners: the server sees the app's own exception (the client has its ending).
             raise self.app_error
 
-    async def _run(self, receive: Receive) -> None:
+    async def _read_request(self, receive: Receive) -> bool | None:
+        """Read the request; whether its body was read whole, or None if it was refused (a prompt budget)."""
         self.request, self.replay, whole = await read_request(receive)
         if self.request.payload is not None and self.encoding is not None:
             self.prompt_tokens = await self._count_prompt(self.request.payload, self.encoding)
             if self.prompt_tokens is not None and await self._refused_prompt(self.prompt_tokens):
-                return
+                return None
         elif not whole and await self._refused_prompt(PROMPT_TOO_LARGE):
-            return  # a body too large to keep cannot be counted: a prompt budget refuses it
+            return None  # a body too large to keep cannot be counted: a prompt budget refuses it
         if self.request.stream:
             self._arm()  # first-token limits count from the request, before any response
-        listener = self.loop.create_task(self._listen_for_disconnect(receive)) if whole else None
-        app_receive = self._receive_for_app if whole else self._receive_then(receive)
-        try:
-            try:
-                with self.app_scope:
-                    await self.middleware.app(self.scope, app_receive, self.send)
-                await self._app_returned()
-            except Exception as exc:
-                await self._app_failed(exc)
-            if self.branch is not None:
-                await self._branch(self.branch)
-        finally:
-            self._set_timer(None)
-            await _stop(self.expiring, listener)
-        if self.failure is not None:
-            raise self.failure
+        return whole
 
     # -- receive ----------------------------------------------------------------------------
 
@@ -519,7 +527,6 @@ class _GuardedResponse:
             named = "text"
         info = RequestInfo(self.path, self.request.payload, int(time.time()))
         stream = start_stream(named, framing, info, prompt_tokens=self.prompt_tokens)
-        dialect_name = stream.dialect_name
         self.guard = StreamGuard(
             self.rules,
             stream,
@@ -530,11 +537,9 @@ class _GuardedResponse:
             prompt_tokens=self.prompt_tokens,
             hide=self.middleware.rules.hidden_on(self.path),
         )
-        if self.record is None:
-            self.record = StreamRecord(request_id=self.request_id, path=self.path, dialect=dialect_name)
-            self.record.model = self.request.model
-            self.record.hits.extend(self.early_hits)
-        self.record.dialect = dialect_name
+        if not self.armed:
+            self.armed = True
+            self.model = self.request.model  # (the request is let go of once armed)
         self._watch()
 
     def _drop_request(self) -> None:
@@ -704,8 +709,7 @@ class _GuardedResponse:
         self.metrics.intervention(hit.rule, hit.action, leaked_chars=hit.leaked)
         logger.warning(INTERVENTION_LOG, hit.rule, hit.action, hit.channel, hit.start, hit.end, self.request_id)
         entry = RuleHit(hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail)
-        # Hits before the stream (a logged prompt budget) wait for the record to exist.
-        (self.record.hits if self.record is not None else self.early_hits).append(entry)
+        self.hits.append(entry)
 
     # -- deadlines --------------------------------------------------------------------------
 
@@ -986,18 +990,19 @@ class _GuardedResponse:
 
     def _finish(self) -> None:
         """Count the stream and write its record, once, whatever ended it."""
-        guard, record = self.guard, self.record
-        if guard is None or record is None or not self.response_started:
+        guard = self.guard
+        if guard is None or not self.armed or not self.response_started:
             return
         if self.unreported_deltas:
             self.metrics.delta(self._dialect_name(), 0.0, self.unreported_deltas, sampled=False)
         now = self.now()
         outcome = self.outcome or Outcome.COMPLETED
         first = guard.first_text_at
+        # (The dialect is the guard's: one told by the first event is known only now.)
+        record = StreamRecord(self.request_id, self.path, guard.dialect, self.model, hits=self.hits)
         record.outcome = outcome
         record.duration = now - self.start
         record.deltas = guard.deltas
-        record.dialect = guard.dialect  # (a dialect told by the first event is known only now)
         record.prompt_tokens = self.prompt_tokens
         record.completion_tokens = guard.completion_tokens()
         second = self.branch_guard

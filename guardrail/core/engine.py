@@ -63,6 +63,7 @@ from guardrail.core.dialects import default_stream
 from guardrail.core.framing import frames_for
 from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Intervention, Outcome, Output, Released, Send
 from guardrail.core.rule import Action, BoundRule, Checker, Hit, Rule, TimedRule, Timer, Verdict
+from guardrail.core.textlog import TextLog
 from guardrail.core.tokens import BPEEncoding
 from guardrail.exceptions import RuleError, SSEError
 from guardrail.rules.textview import JsonTextChecker
@@ -123,14 +124,13 @@ class _ChannelGuard:
         "hits",
         "json_text",
         "last_hit",
+        "log",
         "name",
         "pending",
         "received",
         "redacted_until",
         "released",
         "restarted",
-        "sent",
-        "withheld",
     )
 
     def __init__(self, name: str, rules: Sequence[BoundRule], json_text: bool = False) -> None:
@@ -153,9 +153,10 @@ class _ChannelGuard:
         self.redacted_until = -1
         self.held_since: float | None = None
         self.finished = False
-        self.sent: list[str] = []  # what reached the client, replacements included
         self.hidden = False  # final answer only: the channel is checked but never sent
-        self.withheld: list[str] = []  # what a hidden channel would have sent
+        # What the rules passed: what reached the client, replacements included (a hidden
+        # channel's: what it would have sent).
+        self.log = TextLog()
 
     def feed(self, text: str, *, final: bool, out: list[Output], now: float) -> str:
         """Take ``text`` (and end the channel if ``final``); return the text to release now.
@@ -208,11 +209,11 @@ class _ChannelGuard:
         return released
 
     def _record(self, released: str) -> None:
-        (self.withheld if self.hidden else self.sent).append(released)
+        self.log.append(released)
 
     def text_so_far(self) -> str:
         """What the channel released, sent or (hidden) withheld: what the rules passed."""
-        return "".join(self.withheld if self.hidden else self.sent)
+        return self.log.text()
 
     def _release(self, frontier: int, out: list[Output]) -> str:
         parts: list[str] = []
@@ -366,6 +367,31 @@ class StreamGuard:
             stream's): completion tokens count each channel as one text, from its start.
     """
 
+    __slots__ = (
+        "_channels",
+        "_clean",
+        "_clean_others",
+        "_completion_tokens",
+        "_continuation",
+        "_encoding",
+        "_ended",
+        "_field_rules",
+        "_frames",
+        "_hide",
+        "_natural_end",
+        "_outgoing",
+        "_prompt_tokens",
+        "_queue",
+        "_reported_unknown",
+        "_text_before",
+        "_text_rules",
+        "_timed_rules",
+        "_timers",
+        "deltas",
+        "first_text_at",
+        "stream",
+    )
+
     def __init__(
         self,
         rules: Sequence[BoundRule],
@@ -381,18 +407,13 @@ class StreamGuard:
         text_before: Mapping[str, str] | None = None,
         **options: Any,
     ) -> None:
-        self._rules = tuple(rules)
-        self._text_before = dict(text_before or {})
-        self._hide = frozenset(hide)
-        self._text_rules = tuple(rule for rule in self._rules if rule.checks_text)
-        self._field_rules = tuple(
-            (rule, _whole_text_check(cast(Rule, rule.rule)))
-            for rule in self._text_rules
-            if getattr(rule.rule, "scans_fields", False)
-        )
-        self._timers: list[tuple[BoundRule, Timer]] = [
-            (rule, cast(TimedRule, rule.rule).timer(start)) for rule in self._rules if rule.watches_time
-        ]
+        plan = _plan_for(tuple(rules))
+        self._text_before = text_before
+        self._hide = hide if type(hide) is frozenset else frozenset(hide)
+        self._text_rules = plan.text_rules
+        self._field_rules = plan.field_rules
+        self._timed_rules = plan.timed_rules
+        self._timers: tuple[Timer, ...] = tuple(cast(TimedRule, rule.rule).timer(start) for rule in plan.timed_rules)
         if dialect is None:
             options.setdefault("prompt_tokens", prompt_tokens)
             dialect = default_stream(continuation=continuation, **options)
@@ -405,7 +426,7 @@ class StreamGuard:
         self._continuation = continuation
         self._channels: dict[str, _ChannelGuard] = {}
         # Output that waits: bytes behind a closing that waits for held text (see _Wait).
-        self._queue: list[bytes | _Wait] = []
+        self._queue: list[bytes | _Wait] | None = None
         self._natural_end = False
         self._clean: dict[str, None] = {}  # strings outside channels already checked and clean
         self._clean_others: Sequence[str] | None = None
@@ -425,13 +446,13 @@ class StreamGuard:
 
     def sent(self, channel: str) -> str:
         guard = self._channels.get(channel)
-        return "".join(guard.sent) if guard is not None else ""
+        return guard.log.text() if guard is not None and not guard.hidden else ""
 
     def add(self, channel: str, text: str) -> None:
         guard = self._channels.get(channel)
         if guard is None:
             guard = self._channels[channel] = _ChannelGuard(channel, self._text_rules)
-        guard.sent.append(text)
+        guard.log.append(text)
 
     @property
     def ended(self) -> bool:
@@ -459,7 +480,7 @@ class StreamGuard:
         if self._completion_tokens is None or not self._ended:
             encode = self._encoding.encode_ordinary
             # What the model produced and the rules passed: hidden channels (final answer only) too.
-            texts = dict(self._text_before)
+            texts = dict(self._text_before or {})
             for channel in self._channels.values():
                 texts[channel.name] = texts.get(channel.name, "") + channel.text_so_far()
             self._completion_tokens = sum(len(encode(text)) for text in texts.values())
@@ -467,7 +488,11 @@ class StreamGuard:
 
     def sent_text(self) -> dict[str, str]:
         """The text the client received so far, by channel name."""
-        return {name: text for name, text in ((c.name, "".join(c.sent)) for c in self._channels.values()) if text}
+        return {
+            name: text
+            for name, text in ((c.name, c.log.text()) for c in self._channels.values() if not c.hidden)
+            if text
+        }
 
     @property
     def timed(self) -> bool:
@@ -480,7 +505,7 @@ class StreamGuard:
         if self._ended:
             return None
         earliest = None
-        for _, timer in self._timers:
+        for timer in self._timers:
             due = timer.deadline()
             if due is not None and (earliest is None or due < earliest):
                 earliest = due
@@ -494,7 +519,7 @@ class StreamGuard:
             return []
         out: list[Output] = []
         wire: list[bytes | _Wait] = []
-        for rule, timer in self._timers:
+        for rule, timer in zip(self._timed_rules, self._timers, strict=True):
             code = timer.expired(now)
             if code is None:
                 continue
@@ -650,7 +675,7 @@ class StreamGuard:
                 channel = self._channel(piece.channel, piece.json_text, piece.kind)
                 self.deltas += 1  # checked by every rule, even if it trips one
                 released = channel.feed(piece.text, final=False, out=out, now=now)
-                for _, timer in self._timers:
+                for timer in self._timers:
                     timer.content(now)
                 if channel.hidden:
                     released = ""  # final answer only: checked, counted, not sent
@@ -837,7 +862,7 @@ class StreamGuard:
 
     def _before_wait(self, channel: str, data: bytes, wire: list[bytes | _Wait]) -> None:
         """Put text released late on ``channel`` before the first closing that waits for it."""
-        for items in (self._queue, wire):
+        for items in (wire,) if self._queue is None else (self._queue, wire):
             for position, item in enumerate(items):
                 if type(item) is _Wait and channel.startswith(item.waits):
                     items.insert(position, data)
@@ -848,7 +873,7 @@ class StreamGuard:
         """Hand ``wire`` to the client in order, up to the first closing that still waits for held text."""
         if self._queue:
             wire = [*self._queue, *wire]
-            self._queue = []
+            self._queue = None
         if self._ended:  # a natural end writes what waited; an ending the guard decided closes its own way
             wire = [
                 item if type(item) is not _Wait else _written(self.stream.closing, item.parsed, self)
@@ -881,6 +906,43 @@ class _Wait(NamedTuple):
 
     waits: tuple[str, ...]
     parsed: Parsed
+
+
+class _Plan(NamedTuple):
+    """What a stream derives from its rules alone: worked out once per rule list, not per stream."""
+
+    text_rules: tuple[BoundRule, ...]
+    field_rules: tuple[tuple[BoundRule, Callable[[str], tuple[Hit, ...]]], ...]  # with how each checks a whole string
+    timed_rules: tuple[BoundRule, ...]
+
+
+_PLANS: dict[tuple[BoundRule, ...], _Plan] = {}
+_PLANS_KEPT = 64  # rule lists (paths, reloads) remembered; the cache is cleared when full
+
+
+def _plan_for(rules: tuple[BoundRule, ...]) -> _Plan:
+    try:
+        plan = _PLANS.get(rules)
+    except TypeError:  # a plugin rule that cannot be hashed: worked out for this stream alone
+        return _plan(rules)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_KEPT:
+            _PLANS.clear()
+        plan = _PLANS[rules] = _plan(rules)
+    return plan
+
+
+def _plan(rules: tuple[BoundRule, ...]) -> _Plan:
+    text_rules = tuple(rule for rule in rules if rule.checks_text)
+    return _Plan(
+        text_rules,
+        tuple(
+            (rule, _whole_text_check(cast(Rule, rule.rule)))
+            for rule in text_rules
+            if getattr(rule.rule, "scans_fields", False)
+        ),
+        tuple(rule for rule in rules if rule.watches_time),
+    )
 
 
 # Strings outside channels (ids, model names, comments) repeat on every event: each is checked

@@ -29,6 +29,8 @@ class FramingError(SSEError):
 class SSEFrames:
     """SSE blocks (see :class:`~guardrail.core.sse.SSEDecoder`)."""
 
+    __slots__ = ("_decoder",)
+
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
 

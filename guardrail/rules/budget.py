@@ -16,6 +16,7 @@ from mypy_extensions import mypyc_attr
 
 from guardrail.core.dialects._openai import chat_prompt_tokens
 from guardrail.core.rule import Hit, Verdict
+from guardrail.core.textlog import TextLog
 from guardrail.core.tokens import BPEEncoding, TokenCounter
 
 # Until the count comes this close to the budget, text is released as it arrives. Nearer the
@@ -66,7 +67,7 @@ class TokenBudget:
         """A fresh counter for one channel of one stream."""
         if self.max_tokens is None:
             return _NoBudget()
-        return BudgetChecker(TokenCounter(self.encoding), self.max_tokens)
+        return BudgetChecker(self.encoding, self.max_tokens)
 
     def prompt_over_budget(self, prompt_tokens: int) -> bool:
         """Whether a request with ``prompt_tokens`` tokens exceeds ``max_prompt_tokens``."""
@@ -79,60 +80,79 @@ class BudgetChecker:
     Exact counting starts only when it can matter: every token is at least one byte, so the
     count never exceeds the tokens counted so far plus the UTF-8 bytes not yet counted. While
     that bound stays clear of the budget, text is kept aside uncounted and released; after
-    that, the counter catches up in one call and counts every delta.
+    that, the counter catches up in one call and counts every delta. Most answers stay clear
+    of their budget to the end: they never make a counter at all.
     """
 
-    __slots__ = ("_counter", "_fired", "_length", "_max", "_safe", "_uncounted", "_uncounted_bytes")
+    __slots__ = (
+        "_count",
+        "_counter",
+        "_encoding",
+        "_fired",
+        "_length",
+        "_max",
+        "_safe",
+        "_uncounted",
+        "_uncounted_bytes",
+    )
 
-    def __init__(self, counter: TokenCounter, max_tokens: int) -> None:
-        self._counter = counter
+    def __init__(self, encoding: BPEEncoding, max_tokens: int) -> None:
+        self._encoding = encoding
+        self._counter: TokenCounter | None = None
+        self._count = 0  # the counter's count (0 while there is none)
         self._max = max_tokens
         self._length = 0
         self._safe = 0
         self._fired = False
-        self._uncounted: list[str] = []
+        self._uncounted = TextLog()
         self._uncounted_bytes = 0
 
     def feed(self, text: str) -> Verdict:
         self._length += len(text)
         if self._fired:
             return Verdict(self._length)
+        self._uncounted.append(text)
         self._uncounted_bytes += len(text.encode("utf-8", "surrogatepass"))
-        if self._counter.count + self._uncounted_bytes + NEAR_BUDGET_TOKENS <= self._max:
-            self._uncounted.append(text)
+        if self._count + self._uncounted_bytes + NEAR_BUDGET_TOKENS <= self._max:
             self._safe = self._length
             return Verdict(self._length)
-        self._uncounted.append(text)
-        count = self._counter.feed("".join(self._uncounted))
-        self._uncounted.clear()
-        self._uncounted_bytes = 0
+        counter = self._catch_up()
+        count = self._count
         # A count over the budget is final only once settled text alone is over it: the unsettled
         # tail can still merge into fewer tokens ("```pyt" is 3 tokens, "```python" is 2).
-        if count > self._max and self._counter.count_prefix(self._counter.stable_length) > self._max:
-            return self._cut()
-        if self._length - self._counter.stable_length > MAX_UNSETTLED_CHARS:
+        if count > self._max and counter.count_prefix(counter.stable_length) > self._max:
+            return self._cut(counter)
+        if self._length - counter.stable_length > MAX_UNSETTLED_CHARS:
             raise ValueError(
-                f"{self._length - self._counter.stable_length} characters in a row that the tokenizer cannot settle"
+                f"{self._length - counter.stable_length} characters in a row that the tokenizer cannot settle"
             )
         if count + NEAR_BUDGET_TOKENS <= self._max:
             self._safe = self._length
         else:
-            self._safe = max(self._safe, self._counter.stable_prefix_for(self._max))
+            self._safe = max(self._safe, counter.stable_prefix_for(self._max))
         return Verdict(self._safe)
 
     def finish(self) -> Verdict:
-        if self._counter.count + self._uncounted_bytes <= self._max:
+        if self._count + self._uncounted_bytes <= self._max:
             return Verdict(self._length)  # under the budget for certain: no need to count the rest
-        if self._uncounted:
-            self._counter.feed("".join(self._uncounted))
-            self._uncounted.clear()
-        if not self._fired and self._counter.count > self._max:
-            return self._cut()
+        counter = self._catch_up()
+        if not self._fired and self._count > self._max:
+            return self._cut(counter)
         return Verdict(self._length)
 
-    def _cut(self) -> Verdict:
+    def _catch_up(self) -> TokenCounter:
+        """Count the text kept aside (making the counter on first need)."""
+        counter = self._counter
+        if counter is None:
+            counter = self._counter = TokenCounter(self._encoding)
+        if self._uncounted:
+            self._count = counter.feed(self._uncounted.take())
+            self._uncounted_bytes = 0
+        return counter
+
+    def _cut(self, counter: TokenCounter) -> Verdict:
         self._fired = True
-        cut = max(self._counter.prefix_for(self._max), self._safe)
+        cut = max(counter.prefix_for(self._max), self._safe)
         return Verdict(self._length, (Hit(cut, self._length, f"over {self._max} tokens"),))
 
 

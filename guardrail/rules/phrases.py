@@ -10,6 +10,7 @@ written in scripts without spaces between words, stay with the regex (see ``phra
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -18,6 +19,9 @@ import regex
 from guardrail.core.rule import Hit, Verdict
 
 _WORD = regex.compile(r"\w+")
+# What \w matches in ASCII text, which nearly all text is: the re module finds it in about
+# two thirds of the time.
+_ASCII_WORD = re.compile(r"[0-9A-Za-z_]+")
 _NEXT_WORD = regex.compile(r"\s+(\w+)")
 _SIMPLE = regex.compile(r"\w+(?:\s+\w+)*")
 # Scripts written without spaces between words: a phrase there has no word boundary at that edge.
@@ -80,7 +84,7 @@ class PhraseChecker:
         resume = end  # where the next scan starts: the last word, if the text may still continue it
         held = end
         index = self._index
-        for match in _WORD.finditer(tail):
+        for match in (_ASCII_WORD if tail.isascii() else _WORD).finditer(tail):
             start, stop = match.span()
             word = match.group().casefold()
             if stop == end and not final:

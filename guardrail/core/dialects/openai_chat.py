@@ -107,6 +107,21 @@ class ChatStream:
     answer_field = "content"  # where a choice's answer text is (a fallback's text goes there)
     chunk_object = "chat.completion.chunk"
 
+    __slots__ = (
+        "_altered",
+        "_body",
+        "_continuation",
+        "_has_identity",
+        "_owe_usage",
+        "_prompt_tokens",
+        "_rest",
+        "_rest_others",
+        "complete",
+        "framing",
+        "open_choices",
+        "template",
+    )
+
     def __init__(
         self,
         framing: Framing = Framing.SSE,
@@ -128,7 +143,7 @@ class ChatStream:
         self._body: dict[str, Any] | None = None  # a whole body, as rewritten, until it goes out
         # Choices whose text the guard changed: their logprobs are dropped from then on, so that
         # the tokens a client joins are always a prefix of the text it got.
-        self._altered: set[int] = set()
+        self._altered: tuple[int, ...] = ()  # (a tuple: the smallest set of a few)
         self._rest: dict[str, Any] | None = None  # a chunk without its choices, as last seen
         self._rest_others: tuple[str, ...] = ()
 
@@ -206,6 +221,8 @@ class ChatStream:
         rest = obj.copy()
         del rest["choices"]
         if rest != self._rest:
+            if rest == self.template:
+                rest = self.template  # the identity learned from the first chunk, usually: one copy serves
             found: list[str] = []
             for key, value in rest.items():
                 if key not in _KNOWN_KEYS:
@@ -285,7 +302,7 @@ class ChatStream:
                 index = index if type(index) is int else pos
                 if index in self._altered or not self._spelled(choice):
                     # From then on: the tokens a client joins stay a prefix of the choice's text.
-                    self._altered.add(index)
+                    self._alter(index)
                     drop[("choices", pos, "logprobs")] = None
         if not drop:
             return obj, frame
@@ -305,6 +322,10 @@ class ChatStream:
             if type(entries) is not list or not spells(entries, text if type(text) is str else ""):
                 return False
         return True
+
+    def _alter(self, index: int) -> None:
+        if index not in self._altered:
+            self._altered += (index,)
 
     def _learn_identity(self, obj: dict[str, Any]) -> None:
         if not self._has_identity and obj.get("id"):
@@ -353,7 +374,7 @@ class ChatStream:
             # The quick path's chunk (one choice, content only): rebuilt directly, the common case.
             text = texts.get(0, "")
             if text != parsed.pieces[0].text:
-                self._altered.add(int(parsed.pieces[0].channel[len("choices[") : -len("].content")]))
+                self._alter(int(parsed.pieces[0].channel[len("choices[") : -len("].content")]))
             if not text:
                 return b""
             choice = obj["choices"][0]
@@ -365,7 +386,7 @@ class ChatStream:
             if text != piece.text:
                 replacements[piece.path] = text
                 replacements[piece.path[:2] + ("logprobs",)] = None  # tokens of the original text
-                self._altered.add(int(piece.channel[len("choices[") : piece.channel.index("]")]))
+                self._alter(int(piece.channel[len("choices[") : piece.channel.index("]")]))
         if not closing:  # the finishes go later (see closing()) or never (the guard ends the stream)
             for pos, choice in enumerate(obj["choices"]):
                 if type(choice) is dict and choice.get("finish_reason"):
