@@ -5,7 +5,7 @@ engine, one word per delta (as models send) and in 4-character deltas (the worst
 every delta ends inside a word that may begin a phrase, so it is held): ordinary English prose,
 and prose made of the phrases' own words in
 an order that never forms a phrase (the case that used to trip the regex timeout). Reports the
-median of several rounds, with the spread.
+median of several rounds, the two rule sets' rounds interleaved, with the spread.
 
     python bench/phrases.py [--phrases 10000]
 """
@@ -55,15 +55,17 @@ def deltas(text: str, size: int = 4) -> list[bytes]:
     ]
 
 
-def per_delta_us(rule: BannedPatterns, events: list[bytes], rounds: int = 7) -> tuple[float, float, float]:
-    samples = []
+def per_delta_us(rules: list[BannedPatterns], events: list[bytes], rounds: int = 9) -> list[tuple[float, float, float]]:
+    """Each rule's µs per delta (min, median, max over ``rounds``), the rules' rounds interleaved."""
+    samples: list[list[float]] = [[] for _ in rules]
     for _ in range(rounds):
-        guard = StreamGuard([BoundRule("phrases", rule, Action.REDACT)])
-        started = time.perf_counter()
-        for event in events:
-            guard.feed(event)
-        samples.append((time.perf_counter() - started) / len(events) * 1e6)
-    return min(samples), statistics.median(samples), max(samples)
+        for rule, times in zip(rules, samples, strict=True):
+            guard = StreamGuard([BoundRule("phrases", rule, Action.REDACT)])
+            started = time.perf_counter()
+            for event in events:
+                guard.feed(event)
+            times.append((time.perf_counter() - started) / len(events) * 1e6)
+    return [(min(times), statistics.median(times), max(times)) for times in samples]
 
 
 def main() -> None:
@@ -88,8 +90,7 @@ def main() -> None:
     ):
         events = deltas(text, size)
         name = f"{name}, {'word' if size == 0 else f'{size}-character'} deltas"
-        single = per_delta_us(one, events)
-        scaled = per_delta_us(many, events)
+        single, scaled = per_delta_us([one, many], events)
         print(
             f"{name}: one phrase {single[1]:.1f} µs/delta ({single[0]:.1f}-{single[2]:.1f}), "
             f"{args.phrases} phrases {scaled[1]:.1f} µs/delta ({scaled[0]:.1f}-{scaled[2]:.1f}): "
