@@ -8,7 +8,7 @@ import time
 
 import pytest
 import regex
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from guardrail.core.engine import StreamGuard
 from guardrail.core.outputs import Send
@@ -114,10 +114,11 @@ def regex_phrase_hits(text: str) -> set[tuple[int, int]]:
     return hits
 
 
-# The words in both cases, and what sits beside words: whitespace (a no-break space too),
+# The words in both cases, and what sits beside words: whitespace (form feed and a no-break
+# space too; the file separator, which str.isspace() takes for whitespace and Unicode does not),
 # punctuation, word characters that are not letters, an accented letter and a combining mark.
 PIECES = [*INDEX_WORDS, *(word.upper() for word in INDEX_WORDS)]
-PIECES += [" ", "  ", "\n", "\t", ".", "-", "_", "9", "é", "\u0301", "\u00a0"]
+PIECES += [" ", "  ", "\n", "\t", "\x0c", "\x1c", ".", "-", "_", "9", "é", "\u0301", "\u00a0"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -125,6 +126,8 @@ PIECES += [" ", "  ", "\n", "\t", ".", "-", "_", "9", "é", "\u0301", "\u00a0"]
     st.lists(st.sampled_from(PIECES), max_size=40),
     st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=8),
 )
+@example(["alpha", "\x1c", "beta", " "], [3])  # not whitespace to the phrases' regexes
+@example(["ALPHA", "\x0c", "beta", "\u0301"], [2, 5])  # whitespace; then a mark ends no word
 def test_the_word_index_finds_exactly_what_the_phrase_regexes_find(pieces: list[str], steps: list[int]) -> None:
     text = "".join(pieces)
     rule = BannedPatterns(phrases=INDEXED)

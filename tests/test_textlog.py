@@ -22,9 +22,9 @@ def _check(deltas: list[str]) -> None:
     log = TextLog()
     for delta in deltas:
         log.append(delta)
-        # Each part's length has more bits than the next one's: n characters make at most
-        # log2(n) + 1 parts, whatever the deltas' sizes (shrinking ones included).
-        assert len(log._parts) <= math.log2(max(1, sum(map(len, deltas)))) + 1
+        # Each part is at least twice as long as the next: n characters make at most log2(n + 1)
+        # parts, whatever the deltas' sizes (shrinking ones included).
+        assert len(log._parts) <= math.log2(sum(map(len, deltas)) + 1)
     assert log.text() == "".join(deltas)
     assert bool(log) == bool("".join(deltas))
     assert log.take() == "".join(deltas)

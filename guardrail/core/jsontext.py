@@ -35,17 +35,22 @@ def loads(data: str | bytes) -> Any:
 
 def dumps(obj: object) -> str:
     """Compact JSON for the wire; U+2028, U+2029 and U+0085 written as escapes."""
+    return dump_bytes(obj).decode()
+
+
+def dump_bytes(obj: object) -> bytes:
+    """:func:`dumps` as UTF-8 bytes: one line (compact JSON escapes every line break in a string)."""
     try:
         data = orjson.dumps(obj)
     except (orjson.JSONEncodeError, TypeError):  # a lone surrogate: the standard library writes it escaped
         try:
-            return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+            return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode()
         except RecursionError:
             raise Malformed("JSON nested too deep to write") from None
     if not data.isascii():
         for raw, escaped in _LINE_SEPARATORS:
             data = data.replace(raw, escaped)
-    return data.decode()
+    return data
 
 
 def strings(value: object, *, skip_keys: frozenset[str] = frozenset()) -> Iterator[str]:

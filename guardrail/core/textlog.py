@@ -3,10 +3,9 @@
 A channel's released text is needed whole only at the end (its token count, a dialect's
 closing events), but it arrives a few characters at a time. A list of the deltas costs a
 string object per delta (about 50 bytes each beside the text); joining on every append costs
-a copy of everything so far. :class:`TextLog` keeps parts whose lengths have strictly fewer
-bits from the oldest to the newest (as a binary counter does), merging the last two while the
-newer one's length has as many bits as the older one's or more: n characters make at most
-log2(n) + 1 parts, and each character is copied O(log n) times over the stream.
+a copy of everything so far. :class:`TextLog` keeps each part at least twice as long as the
+next newer one, merging the last two while the older is shorter than that: n characters make
+at most log2(n + 1) parts, and each character is copied O(log n) times over the stream.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ class TextLog:
             return
         parts = self._parts
         parts.append(text)
-        while len(parts) > 1 and len(parts[-2]).bit_length() <= len(parts[-1]).bit_length():
+        while len(parts) > 1 and len(parts[-2]) < 2 * len(parts[-1]):
             last = parts.pop()
             parts[-1] += last
 

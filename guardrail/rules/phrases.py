@@ -19,10 +19,11 @@ import regex
 from guardrail.core.rule import Hit, Verdict
 
 _WORD = regex.compile(r"\w+")
-# What \w matches in ASCII text, which nearly all text is: the re module finds it in about
-# two thirds of the time.
-_ASCII_WORD = re.compile(r"[0-9A-Za-z_]+")
 _NEXT_WORD = regex.compile(r"\s+(\w+)")
+# The same in ASCII text, which nearly all text is: what \w and \s match there, spelled out for
+# the re module, which finds it in about two thirds of the time.
+_ASCII_WORD = re.compile(r"[0-9A-Za-z_]+")
+_ASCII_NEXT_WORD = re.compile(r"[ \t\n\x0b\x0c\r]+([0-9A-Za-z_]+)")
 _SIMPLE = regex.compile(r"\w+(?:\s+\w+)*")
 # Scripts written without spaces between words: a phrase there has no word boundary at that edge.
 # (The kana block also holds marks of the Common script, such as the prolonged sound mark ー.)
@@ -80,37 +81,45 @@ class PhraseChecker:
     def _scan(self, *, final: bool) -> Verdict:
         tail = self._tail
         end = len(tail)
-        hits: list[Hit] = []
+        hits: list[Hit] | None = None
         resume = end  # where the next scan starts: the last word, if the text may still continue it
         held = end
-        index = self._index
-        for match in (_ASCII_WORD if tail.isascii() else _WORD).finditer(tail):
+        first = self._index.first
+        is_ascii = tail.isascii()
+        for match in (_ASCII_WORD if is_ascii else _WORD).finditer(tail):
             start, stop = match.span()
             word = match.group().casefold()
             if stop == end and not final:
                 resume = start
-                if word in index.prefixes:
+                if word in self._index.prefixes:
                     held = start  # it may grow into a phrase's first word
                 break
-            candidates = index.first.get(word)
+            candidates = first.get(word)
             if candidates is None:
                 continue
-            found = self._rest(stop, candidates, final)
+            found = self._rest(stop, candidates, final, _ASCII_NEXT_WORD if is_ascii else _NEXT_WORD)
             if found is None:
                 continue
             if isinstance(found, int):  # the text may still complete a phrase here
                 resume = held = start
                 break
             hit_end, label = found
+            if hits is None:
+                hits = []
             hits.append(Hit(self._base + start, self._base + hit_end, label))
-        safe = max(self._base + held, self._safe)
+        safe = self._base + held
+        if safe < self._safe:
+            safe = self._safe
         self._safe = safe
-        cut = min(resume, held)
-        self._tail = tail[cut:]
-        self._base += cut
-        return Verdict(safe, tuple(hits))
+        cut = resume if resume < held else held
+        if cut:
+            self._tail = tail[cut:]
+            self._base += cut
+        return Verdict(safe, tuple(hits)) if hits else Verdict(safe)
 
-    def _rest(self, pos: int, candidates: list[_Candidate], final: bool) -> tuple[int, str] | int | None:
+    def _rest(
+        self, pos: int, candidates: list[_Candidate], final: bool, next_word: re.Pattern[str] | regex.Pattern[str]
+    ) -> tuple[int, str] | int | None:
         """The end and label of the longest phrase going on at ``pos``; -1 if the text may still make one."""
         tail = self._tail
         end = len(tail)
@@ -120,7 +129,7 @@ class PhraseChecker:
             at = pos
             for word in candidate.rest:
                 if at not in words:
-                    match = _NEXT_WORD.match(tail, at)
+                    match = next_word.match(tail, at)
                     words[at] = None if match is None else (match.end(), match.group(1).casefold())
                 found = words[at]
                 if found is None:

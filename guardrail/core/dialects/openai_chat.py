@@ -379,7 +379,7 @@ class ChatStream:
                 return b""
             choice = obj["choices"][0]
             out = {**obj, "choices": [{**choice, "delta": {"content": text}}]}
-            return encode_event(jsontext.dumps(out))
+            return b"data: " + jsontext.dump_bytes(out) + b"\n\n"  # (what encode_event writes for one line)
         replacements: dict[jsontext.Path, object] = {}
         for number, piece in enumerate(parsed.pieces):
             text = texts.get(number, "")
