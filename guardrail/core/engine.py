@@ -408,7 +408,7 @@ class StreamGuard:
         **options: Any,
     ) -> None:
         plan = _plan_for(tuple(rules))
-        self._text_before = text_before
+        self._text_before = dict(text_before) if text_before else None
         self._hide = hide if type(hide) is frozenset else frozenset(hide)
         self._text_rules = plan.text_rules
         self._field_rules = plan.field_rules
