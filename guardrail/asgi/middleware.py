@@ -241,7 +241,6 @@ class _GuardedResponse:
         "app_error",
         "app_scope",
         "app_started",
-        "armed",
         "branch",
         "branch_guard",
         "branch_scope",
@@ -318,8 +317,7 @@ class _GuardedResponse:
         self.expiring: asyncio.Task[None] | None = None  # a deadline passed: expire() runs in this task
         self.listener: asyncio.Task[None] | None = None  # waits for the client to leave, once the body is read
         self.failure: Exception | None = None  # the server's receive or send, failed in a helper task
-        self.armed = False  # a guard was armed for the answer: the stream gets a record
-        self.model: str | None = None  # the model the request names, for the record
+        self.model: str | None = None  # the model the request names, for the record (kept past the request)
         self.hits: list[RuleHit] = []  # for the record
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
         self.branch_guard: StreamGuard | None = None  # and guards its answer
@@ -371,6 +369,7 @@ class _GuardedResponse:
     async def _read_request(self, receive: Receive) -> bool | None:
         """Read the request; whether its body was read whole, or None if it was refused (a prompt budget)."""
         self.request, self.replay, whole = await read_request(receive)
+        self.model = self.request.model
         if self.request.payload is not None and self.encoding is not None:
             self.prompt_tokens = await self._count_prompt(self.request.payload, self.encoding)
             if self.prompt_tokens is not None and await self._refused_prompt(self.prompt_tokens):
@@ -537,9 +536,6 @@ class _GuardedResponse:
             prompt_tokens=self.prompt_tokens,
             hide=self.middleware.rules.hidden_on(self.path),
         )
-        if not self.armed:
-            self.armed = True
-            self.model = self.request.model  # (the request is let go of once armed)
         self._watch()
 
     def _drop_request(self) -> None:
@@ -991,7 +987,7 @@ class _GuardedResponse:
     def _finish(self) -> None:
         """Count the stream and write its record, once, whatever ended it."""
         guard = self.guard
-        if guard is None or not self.armed or not self.response_started:
+        if guard is None or not self.response_started:
             return
         if self.unreported_deltas:
             self.metrics.delta(self._dialect_name(), 0.0, self.unreported_deltas, sampled=False)

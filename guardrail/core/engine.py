@@ -409,7 +409,7 @@ class StreamGuard:
     ) -> None:
         plan = _plan_for(tuple(rules))
         self._text_before = dict(text_before) if text_before else None
-        self._hide = hide if type(hide) is frozenset else frozenset(hide)
+        self._hide = hide if type(hide) is frozenset else frozenset(hide)  # (shared, not copied per stream)
         self._text_rules = plan.text_rules
         self._field_rules = plan.field_rules
         self._timed_rules = plan.timed_rules

@@ -85,7 +85,6 @@ class BudgetChecker:
     """
 
     __slots__ = (
-        "_count",
         "_counter",
         "_encoding",
         "_fired",
@@ -98,8 +97,7 @@ class BudgetChecker:
 
     def __init__(self, encoding: BPEEncoding, max_tokens: int) -> None:
         self._encoding = encoding
-        self._counter: TokenCounter | None = None
-        self._count = 0  # the counter's count (0 while there is none)
+        self._counter: TokenCounter | None = None  # made when the count nears the budget
         self._max = max_tokens
         self._length = 0
         self._safe = 0
@@ -113,11 +111,11 @@ class BudgetChecker:
             return Verdict(self._length)
         self._uncounted.append(text)
         self._uncounted_bytes += len(text.encode("utf-8", "surrogatepass"))
-        if self._count + self._uncounted_bytes + NEAR_BUDGET_TOKENS <= self._max:
+        if self._counted() + self._uncounted_bytes + NEAR_BUDGET_TOKENS <= self._max:
             self._safe = self._length
             return Verdict(self._length)
         counter = self._catch_up()
-        count = self._count
+        count = counter.count
         # A count over the budget is final only once settled text alone is over it: the unsettled
         # tail can still merge into fewer tokens ("```pyt" is 3 tokens, "```python" is 2).
         if count > self._max and counter.count_prefix(counter.stable_length) > self._max:
@@ -133,12 +131,16 @@ class BudgetChecker:
         return Verdict(self._safe)
 
     def finish(self) -> Verdict:
-        if self._count + self._uncounted_bytes <= self._max:
+        if self._counted() + self._uncounted_bytes <= self._max:
             return Verdict(self._length)  # under the budget for certain: no need to count the rest
         counter = self._catch_up()
-        if not self._fired and self._count > self._max:
+        if not self._fired and counter.count > self._max:
             return self._cut(counter)
         return Verdict(self._length)
+
+    def _counted(self) -> int:
+        """Tokens counted so far (the text kept aside not included)."""
+        return 0 if self._counter is None else self._counter.count
 
     def _catch_up(self) -> TokenCounter:
         """Count the text kept aside (making the counter on first need)."""
@@ -146,7 +148,7 @@ class BudgetChecker:
         if counter is None:
             counter = self._counter = TokenCounter(self._encoding)
         if self._uncounted:
-            self._count = counter.feed(self._uncounted.take())
+            counter.feed(self._uncounted.take())
             self._uncounted_bytes = 0
         return counter
 
