@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -72,6 +73,33 @@ def serve_in_thread(app: ASGIApp, **config: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join()
         sock.close()
+
+
+def wait_for_records(records: Sequence[object], count: int = 1) -> None:
+    """Wait until ``on_record`` has been called ``count`` times.
+
+    A stream's record is written as its response ends, after the last body message is sent,
+    so a client can see the end of the stream first.
+    """
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while len(records) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(records) >= count, f"{len(records)} records, expected {count}"
+
+
+def metrics_showing(base_url: str, *patterns: str) -> str:
+    """The server's ``/metrics`` once every regex in ``patterns`` is found in it.
+
+    A stream is counted as its response ends, which the client may see first.
+    """
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while True:
+        text = httpx.get(f"{base_url}/metrics", timeout=STARTUP_TIMEOUT_SECONDS).text
+        missing = [pattern for pattern in patterns if not re.search(pattern, text)]
+        if not missing:
+            return text
+        assert time.monotonic() < deadline, f"not in /metrics: {missing}\n{text}"
+        time.sleep(0.01)
 
 
 def guardrail_command() -> list[str]:

@@ -25,7 +25,7 @@ from guardrail.core.rule import Action, BoundRule
 from guardrail.rules.banned import BannedPatterns
 from tests import streams
 from tests.apps import ChatChunks
-from tests.servers import serve_in_thread
+from tests.servers import serve_in_thread, wait_for_records
 
 THINKING = ["The user wants a greeting. ", "Project Starlight is secret, ", "so just say hello."]
 ANSWER = ["Hello", " there!"]
@@ -105,6 +105,7 @@ def test_chat_reasoning_is_withheld(served: tuple[str, list[StreamRecord]]) -> N
     assert "greeting" not in dumped and "Starlight" not in dumped
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there!"
     assert chunks[-1].choices[0].finish_reason == "stop"
+    wait_for_records(records)
     assert any(hit.rule == "codename" for record in records for hit in record.hits)  # checked all the same
 
 

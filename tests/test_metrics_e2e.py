@@ -3,6 +3,7 @@ after real streams, and series that stay bounded."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -114,7 +115,13 @@ def test_every_documented_metric_is_exported_and_moves_with_real_streams() -> No
                 response = client.post(CHAT_PATH, json={**request, "kind": kind})
                 response.raise_for_status()
                 received[kind] = joined_content(split_events(response.content))
+        # A stream is counted as its response ends, which the client may see first.
+        deadline = time.monotonic() + 10
         after = scrape(base_url)
+        while total(after, "guardrail_streams_total") - total(before, "guardrail_streams_total") < len(ANSWERS):
+            assert time.monotonic() < deadline, "the streams were not counted"
+            time.sleep(0.01)
+            after = scrape(base_url)
 
     assert received == {
         "clean": "".join(CLEAN),

@@ -30,7 +30,7 @@ from guardrail.proxy.app import ENV_RULES, ENV_UPSTREAM, ServeSettings, build_ap
 from guardrail.proxy.demo import CODE_NAME, FAKE_API_KEY, answer_for, split_tokens
 from guardrail.proxy.upstream import UpstreamProxy
 from tests.apps import CHAT_PATH, ChatChunks, read_body, sdk_chat
-from tests.servers import ServerLog, guardrail_command, serve_command, serve_in_thread
+from tests.servers import ServerLog, guardrail_command, metrics_showing, serve_command, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES = ROOT / "rules" / "default.yaml"
@@ -66,6 +66,10 @@ def test_serve_redacts_the_demo_key_and_cuts_the_code_name(demo_server: tuple[st
     text, reasons = demo_stream(base_url, "What is on the roadmap?")
     assert text == answer_for("roadmap")[: answer_for("roadmap").index(CODE_NAME)]
     assert reasons == ["content_filter"]
+
+
+def streams_counted(dialect: str) -> str:
+    return rf'guardrail_streams_total{{dialect="{dialect}",outcome="\w+"}} [1-9]'
 
 
 def test_serve_answers_metrics_and_health(demo_server: tuple[str, ServerLog]) -> None:
@@ -324,9 +328,7 @@ def test_serve_guards_responses_and_messages_end_to_end(demo_server: tuple[str, 
     assert whole.incomplete_details.reason == "content_filter" and CODE_NAME not in whole.output_text
     assert "[redacted]" in text and FAKE_API_KEY not in text and final.stop_reason == "end_turn"
     assert roadmap.stop_reason == "refusal" and CODE_NAME not in roadmap.model_dump_json()
-    metrics = httpx.get(f"{base_url}/metrics", timeout=TIMEOUT).text
-    for dialect in ("openai_responses", "anthropic_messages"):
-        assert re.search(rf'guardrail_streams_total{{dialect="{dialect}",outcome="\w+"}} [1-9]', metrics), dialect
+    metrics_showing(base_url, *(streams_counted(dialect) for dialect in ("openai_responses", "anthropic_messages")))
 
 
 def test_proxy_errors_on_the_messages_endpoint_come_in_anthropics_envelope() -> None:
@@ -394,6 +396,4 @@ def check_completions_ollama_and_gemini(base_url: str) -> None:
     assert roadmap.candidates and roadmap.candidates[0].finish_reason == types.FinishReason.SAFETY
     assert CODE_NAME not in roadmap.model_dump_json()
 
-    metrics = httpx.get(f"{base_url}/metrics", timeout=TIMEOUT).text
-    for dialect in ("openai_completions", "ollama", "gemini"):
-        assert re.search(rf'guardrail_streams_total{{dialect="{dialect}",outcome="\w+"}} [1-9]', metrics), dialect
+    metrics_showing(base_url, *(streams_counted(dialect) for dialect in ("openai_completions", "ollama", "gemini")))

@@ -7,7 +7,6 @@ Without it, the SDKs end quietly and an app takes half an answer for the whole o
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ from guardrail.asgi.record import StreamRecord
 from guardrail.config import RuleSet
 from guardrail.core.rule import Action, BoundRule
 from guardrail.rules.banned import BannedPatterns
+from tests.servers import serve_in_thread, wait_for_records
 from tests.streams import messages_stream
 
 RULE = BoundRule("secrets", BannedPatterns(patterns=[r"sk-[A-Za-z0-9]{20,}"]), Action.REDACT)
@@ -67,18 +67,13 @@ def app(records: list[StreamRecord]) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, list[StreamRecord]]]:
-    from tests.servers import serve_in_thread
-
     records: list[StreamRecord] = []
     with serve_in_thread(app(records)) as base_url:
         yield base_url, records
 
 
 def last_outcome(records: list[StreamRecord]) -> Any:
-    # The record is written as the response ends, which the client may see first.
-    deadline = time.monotonic() + 5
-    while not records and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_records(records)
     return records.pop().outcome
 
 
