@@ -8,6 +8,7 @@ itself on texts dense in the characters the patterns start with, so that a wrong
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import regex
@@ -110,7 +111,7 @@ texts = st.lists(st.sampled_from(FRAGMENTS) | st.text(ALPHABET, max_size=6), max
 
 
 def prefilter_of(patterns: list[str]) -> re.Pattern[str] | None:
-    return BannedPatterns(patterns=patterns)._prefilter
+    return BannedPatterns(patterns=patterns)._plan.prefilter
 
 
 @settings(max_examples=400, deadline=None)
@@ -152,7 +153,7 @@ def test_verdicts_are_the_same_with_and_without_the_prefilter(text: str, cuts: l
     bounds = sorted({0, len(text), *(cut for cut in cuts if cut < len(text))})
     pieces = [text[start:end] for start, end in zip(bounds, bounds[1:], strict=False)]
     filtered = rule.checker()
-    unfiltered = BannedPatternsChecker(rule._searchers, None, rule._timeout, rule._singles)
+    unfiltered = BannedPatternsChecker(replace(rule._plan, prefilter=None))
     assert scan(filtered, pieces) == scan(unfiltered, pieces)
 
 

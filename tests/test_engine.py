@@ -460,3 +460,30 @@ def test_a_dialect_that_fails_to_write_its_ending_never_makes_the_guard_raise() 
     guard = StreamGuard([BoundRule("banned", BANNED, Action.ABORT)], Broken())
     outputs = guard.feed(b"".join(answer_stream(["Hello", " there"]))[:-14]) + guard.close() + guard.abort()
     assert any(isinstance(o, Ended) for o in outputs)
+
+
+def test_strings_outside_channels_are_checked_whenever_they_are_new_whatever_came_before() -> None:
+    """An id or model is checked once per stream, but a new one is always checked.
+
+    Events repeat their strings, drop some, bring them back, then bring a banned one: each
+    change of the set is read again, and the banned model ends the stream before its event.
+    """
+    key = "sk-" + "A" * 24
+
+    def event(text: str, **identity: str) -> bytes:
+        obj = {**identity, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    parts = [
+        event("One ", id="c1", model="m"),
+        event("two ", id="c1", model="m"),
+        event("three ", id="c1"),
+        event("four ", id="c1", model="m"),
+        event("five ", id="c1", model="m", system_fingerprint="fp"),
+        event("six ", id="c1", model=key),
+        event("seven ", id="c1", model="m"),
+    ]
+    wire, outputs = run([BoundRule("banned", BANNED, Action.REDACT)], parts)
+    assert key not in wire.decode()
+    assert view(wire).content == "One two three four five "
+    assert [(o.rule, o.channel) for o in outputs if isinstance(o, Intervention)] == [("banned", "event")]

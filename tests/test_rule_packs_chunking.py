@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ class Unfiltered:
         self.rule = rule
 
     def checker(self) -> Checker:
-        searched = BannedPatternsChecker(self.rule._searchers, None, self.rule._timeout, self.rule._singles)
+        searched = BannedPatternsChecker(replace(self.rule._plan, prefilter=None))
         return searched if self.rule._index is None else _Both(searched, self.rule._index.checker())
 
 

@@ -1,11 +1,18 @@
-"""The request path's send lock: exclusive, fair, and safe when a waiter is cancelled."""
+"""The request path's send lock (exclusive, fair, and safe when a waiter is cancelled) and clock."""
 
 from __future__ import annotations
+
+import asyncio
 
 import anyio
 import pytest
 
+from guardrail._types import Receive, Scope, Send
+from guardrail.asgi import GuardrailMiddleware
 from guardrail.asgi._sync import RequestClock, SendLock
+from guardrail.config import RuleSet
+from guardrail.core.rule import Action, BoundRule
+from guardrail.rules.banned import BannedPatterns
 
 
 @pytest.mark.anyio
@@ -109,3 +116,21 @@ async def test_the_lock_taken_in_two_steps_is_the_same_lock() -> None:
     async with lock:
         assert not lock.acquire_nowait()
     assert lock.acquire_nowait()
+
+
+def test_the_middleware_keeps_one_clock_per_event_loop() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        pass
+
+    rules = RuleSet.from_rules([BoundRule("banned", BannedPatterns(phrases=["x"]), Action.ABORT)])
+    middleware = GuardrailMiddleware(app, rules=rules)
+
+    async def two_reads() -> tuple[RequestClock, RequestClock, float]:
+        loop = asyncio.get_running_loop()
+        first, second = middleware.clock(loop), middleware.clock(loop)
+        return first, second, abs(first() - loop.time())
+
+    first, second, off = asyncio.run(two_reads())
+    assert first is second and off < 0.05
+    third, _, off = asyncio.run(two_reads())  # another loop: a clock of its own, on its time
+    assert third is not first and third.loop is not first.loop and off < 0.05

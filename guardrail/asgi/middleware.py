@@ -133,6 +133,14 @@ class GuardrailMiddleware:
         self.encodings = {group.tokenizer: get_encoding(group.tokenizer) for group in self.rules.groups}
         self.on_record = on_record
         self.record_text = record_text
+        self._clock: RequestClock | None = None  # the requests' clock, on the loop they run on
+
+    def clock(self, loop: asyncio.AbstractEventLoop) -> RequestClock:
+        """The clock of the requests on ``loop``: one per event loop, not one per request."""
+        clock = self._clock
+        if clock is None or clock.loop is not loop:
+            clock = self._clock = RequestClock()
+        return clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -181,6 +189,8 @@ def _request_id(scope: Scope) -> str:
 _GENERATORS: contextvars.ContextVar[list[weakref.ref[AsyncGenerator[Any, Any]]]] = contextvars.ContextVar(
     "guardrail_generators"
 )
+# What is left of a request the guard has let go of (see _drop_request).
+_NO_REQUEST = ChatRequest()
 # The status of a whole (JSON) answer the guard ended with an error, by outcome.
 _WHOLE_BODY_STATUS = {Outcome.UPSTREAM_ERROR: 502, Outcome.TIMEOUT: 504}
 
@@ -268,7 +278,7 @@ class _GuardedResponse:
         "prompt_tokens",
         "replay",
         "request",
-        "request_id",
+        "_request_id",
         "response_started",
         "rules",
         "scope",
@@ -294,11 +304,12 @@ class _GuardedResponse:
         self.metrics = middleware.metrics
         self.rules = rules
         self.scope = scope
-        self.request_id = _request_id(scope)
+        self._request_id: str | None = None  # made when first needed: most streams log nothing before the end
         self.downstream = send
-        self.now = RequestClock()
+        self.loop = asyncio.get_running_loop()
+        self.now = middleware.clock(self.loop)
         self.start = self.now()
-        self.request = ChatRequest()
+        self.request = _NO_REQUEST
         self.encoding = encoding
         self.prompt_tokens: int | None = None
         self.guard: StreamGuard | None = None
@@ -308,8 +319,7 @@ class _GuardedResponse:
         self.send_lock = SendLock()
         self.unreported_deltas = 0
         self.app_scope = anyio.CancelScope()
-        self.replay: list[Message] = []
-        self.loop = asyncio.get_running_loop()
+        self.replay: list[Message] | None = None  # the request's messages, read first, until the app has them
         self.client_left = False
         self.left: asyncio.Future[None] | None = None  # made when the app waits for the client to leave
         self.timer: asyncio.TimerHandle | None = None  # set for the guard's next deadline, while one is armed
@@ -318,7 +328,7 @@ class _GuardedResponse:
         self.listener: asyncio.Task[None] | None = None  # waits for the client to leave, once the body is read
         self.failure: Exception | None = None  # the server's receive or send, failed in a helper task
         self.model: str | None = None  # the model the request names, for the record (kept past the request)
-        self.hits: list[RuleHit] = []  # for the record
+        self.hits: list[RuleHit] | None = None  # for the record, from the first
         self.branch: Ended | None = None  # a url fallback fired: the app is done, the fallback answers
         self.branch_guard: StreamGuard | None = None  # and guards its answer
         self.branch_scope: anyio.CancelScope | None = None  # and is read in this scope
@@ -332,6 +342,12 @@ class _GuardedResponse:
         self.decoder: ContentDecoder | None = None
         self.sniffed: bytearray | None = None  # the first bytes, while the framing is not known
         self.framing = Framing.SSE
+
+    @property
+    def request_id(self) -> str:
+        if self._request_id is None:
+            self._request_id = _request_id(self.scope)
+        return self._request_id
 
     async def run(self, receive: Receive) -> None:
         # One coroutine for the whole request, the app's call included: each coroutine still
@@ -382,9 +398,20 @@ class _GuardedResponse:
 
     # -- receive ----------------------------------------------------------------------------
 
+    def _replayed(self) -> Message | None:
+        """The next request message read before the app ran, if one is left."""
+        replay = self.replay
+        if not replay:
+            return None
+        message = replay.pop(0)
+        if not replay:
+            self.replay = None
+        return message
+
     async def _receive_for_app(self) -> Message:
-        if self.replay:
-            return self.replay.pop(0)
+        message = self._replayed()
+        if message is not None:
+            return message
         if not self.client_left:
             if self.left is None:
                 self.left = self.loop.create_future()
@@ -393,9 +420,8 @@ class _GuardedResponse:
 
     def _receive_then(self, receive: Receive) -> Receive:
         async def replay_then_receive() -> Message:
-            if self.replay:
-                return self.replay.pop(0)
-            return await receive()
+            message = self._replayed()
+            return message if message is not None else await receive()
 
         return replay_then_receive
 
@@ -491,8 +517,8 @@ class _GuardedResponse:
         if reading is Reading.REFUSE:
             await self._refuse_unreadable(content_type, encoding)
             return None
-        self.content_type = content_type
         if framing is None:
+            self.content_type = content_type  # read again with the first bytes
             self.sniffed = bytearray()
         else:
             self._arm(framing)
@@ -546,7 +572,7 @@ class _GuardedResponse:
         stream is open.
         """
         if not any(rule.fallback is not None and rule.fallback.url is not None for rule in self.rules):
-            self.request = ChatRequest()
+            self.request = _NO_REQUEST
 
     async def _body(self, message: Message) -> None:
         """Guard one body message (called by ``send`` with the send lock held, the stream still open).
@@ -705,7 +731,10 @@ class _GuardedResponse:
         self.metrics.intervention(hit.rule, hit.action, leaked_chars=hit.leaked)
         logger.warning(INTERVENTION_LOG, hit.rule, hit.action, hit.channel, hit.start, hit.end, self.request_id)
         entry = RuleHit(hit.rule, hit.action, hit.channel, hit.start, hit.end, hit.detail)
-        self.hits.append(entry)
+        if self.hits is None:
+            self.hits = [entry]
+        else:
+            self.hits.append(entry)
 
     # -- deadlines --------------------------------------------------------------------------
 
@@ -995,7 +1024,7 @@ class _GuardedResponse:
         outcome = self.outcome or Outcome.COMPLETED
         first = guard.first_text_at
         # (The dialect is the guard's: one told by the first event is known only now.)
-        record = StreamRecord(self.request_id, self.path, guard.dialect, self.model, hits=self.hits)
+        record = StreamRecord(self.request_id, self.path, guard.dialect, self.model, hits=self.hits or [])
         record.outcome = outcome
         record.duration = now - self.start
         record.deltas = guard.deltas

@@ -63,7 +63,10 @@ class RuleSet:
 
     def rules_for(self, path: str) -> tuple[BoundRule, ...]:
         """The rules guarding the request path ``path``: those of every group whose paths match it."""
-        return tuple(rule for group in self.groups if group.matches(path) for rule in group.rules)
+        matching = [group for group in self.groups if group.matches(path)]
+        if len(matching) == 1:
+            return matching[0].rules  # the group's own tuple, shared by every stream on its paths
+        return tuple(rule for group in matching for rule in group.rules)
 
     def dialect_for(self, path: str) -> str | None:
         """The dialect a rule file names for ``path``, if one does."""

@@ -94,22 +94,33 @@ class _Unreadable(Exception):
 class _Check:
     """One rule's checker on one channel, and its view of the text after the last replacement.
 
-    The ``view`` checker (see ``_ChannelGuard._watch``) reads what the client sees after a
-    replacement; ``view_shift`` maps its offsets onto the channel's. It retires once the text
-    it reads is far enough past the replacement to read the same as the original.
+    The ``view`` (see ``_ChannelGuard._watch``) reads what the client sees after a replacement.
+    It retires once the text it reads is far enough past the replacement to read the same as
+    the original.
     """
 
-    __slots__ = ("checker", "holds", "rule", "safe", "view", "view_safe", "view_shift", "view_until")
+    __slots__ = ("checker", "holds", "rule", "safe", "view")
 
     def __init__(self, rule: BoundRule, holds: bool, json_text: bool) -> None:
         self.rule = rule
         self.checker: Checker = _checker(rule, json_text)
         self.holds = holds
         self.safe = 0
-        self.view: Checker | None = None
-        self.view_shift = 0
-        self.view_safe = 0
-        self.view_until = 0
+        self.view: _View | None = None
+
+
+class _View:
+    """A second checker of one rule, reading the client's text around a replacement.
+
+    ``shift`` maps its offsets onto the channel's; ``until`` is where it retires.
+    """
+
+    __slots__ = ("checker", "shift", "until")
+
+    def __init__(self, checker: Checker, shift: int, until: int) -> None:
+        self.checker = checker
+        self.shift = shift
+        self.until = until
 
 
 class _ChannelGuard:
@@ -146,7 +157,7 @@ class _ChannelGuard:
         self.final = False
         self.restarted = False
         self.last_hit: tuple[int, int, str] | None = None
-        self.hits: list[tuple[Hit, BoundRule]] = []
+        self.hits: list[tuple[Hit, BoundRule]] | None = None  # made at the first hit
         self.pending = ""  # text from offset `released` on, not yet sent
         self.received = 0
         self.released = 0
@@ -180,7 +191,7 @@ class _ChannelGuard:
             except Exception as exc:
                 raise RuleError(check.rule.name, f"{type(exc).__name__}: {exc}") from exc
             if hits:
-                self.hits.extend((hit, check.rule) for hit in hits)
+                self._add_hits(hits, check.rule)
             check.safe = safe
             if check.holds and safe < frontier and not final:
                 frontier = safe
@@ -207,6 +218,15 @@ class _ChannelGuard:
             self._record(released)
         self._note_held(held_before, released, out, now)
         return released
+
+    def _add_hits(self, hits: Sequence[Hit], rule: BoundRule) -> None:
+        if not hits:
+            return
+        found = [(hit, rule) for hit in hits]
+        if self.hits is None:
+            self.hits = found
+        else:
+            self.hits.extend(found)
 
     def _record(self, released: str) -> None:
         self.log.append(released)
@@ -278,10 +298,9 @@ class _ChannelGuard:
         for check in self.checkers:
             if not getattr(check.rule.rule, "scans_fields", False):
                 continue
-            check.view = _checker(check.rule, self.json_text)
-            check.view_shift, check.view_until = shift, stop + _EDGE_CONTEXT
+            check.view = view = _View(_checker(check.rule, self.json_text), shift, stop + _EDGE_CONTEXT)
             try:
-                check.view.feed(client)
+                view.checker.feed(client)
                 check.safe = min(check.safe, self._view_feed(check, self.pending, self.final))
             except Exception as exc:
                 raise RuleError(check.rule.name, f"{type(exc).__name__}: {exc}") from exc
@@ -289,21 +308,19 @@ class _ChannelGuard:
 
     def _view_feed(self, check: _Check, text: str, final: bool) -> int:
         """Feed the view checker; its new hits join the channel's; returns its safe offset."""
-        view, shift = check.view, check.view_shift
+        view = check.view
         assert view is not None
-        safe, hits = view.feed(text)
+        shift = view.shift
+        safe, hits = view.checker.feed(text)
         if final:
-            safe, more = view.finish()
+            safe, more = view.checker.finish()
             hits += more
         safe += shift
-        floor = check.view_until - _EDGE_CONTEXT
-        known = {(hit.start, hit.end) for hit, rule in self.hits if rule is check.rule}
-        for hit in hits:
-            if hit.end + shift > floor:
-                moved = _shifted(hit, shift, floor)
-                if (moved.start, moved.end) not in known:
-                    self.hits.append((moved, check.rule))
-        if safe >= check.view_until:
+        floor = view.until - _EDGE_CONTEXT
+        known = {(hit.start, hit.end) for hit, rule in self.hits or () if rule is check.rule}
+        moved = (_shifted(hit, shift, floor) for hit in hits if hit.end + shift > floor)
+        self._add_hits([hit for hit in moved if (hit.start, hit.end) not in known], check.rule)
+        if safe >= view.until:
             check.view = None  # past the replacement's reach: the original reads the same from here
         return safe
 
@@ -428,8 +445,10 @@ class StreamGuard:
         # Output that waits: bytes behind a closing that waits for held text (see _Wait).
         self._queue: list[bytes | _Wait] | None = None
         self._natural_end = False
-        self._clean: dict[str, None] = {}  # strings outside channels already checked and clean
+        # Strings outside channels already checked and clean: the last event's (a dialect hands
+        # back the same tuple while they repeat), and all of them once they differ.
         self._clean_others: Sequence[str] | None = None
+        self._clean: dict[str, None] | None = None
         self._ended = False
         self._reported_unknown = False
         self._encoding = encoding
@@ -732,11 +751,17 @@ class StreamGuard:
         Such text cannot be held back and released in part (an ``id``, a comment, an error's
         message): a hit by any rule but a ``log`` one ends the stream before the frame goes out.
         """
-        if others is self._clean_others:
+        last = self._clean_others
+        if others is last:
             return  # the very strings checked last time (a dialect hands back what repeats)
         clean = self._clean
+        if clean is None and last is not None:
+            if len(last) <= _FEW_STRINGS and all(text in last for text in others):
+                self._clean_others = others  # some of the same strings again (a stream's id and model)
+                return
+            clean = self._clean = dict.fromkeys(last)
         for text in others:
-            if text in clean:
+            if clean is not None and text in clean:
                 continue
             for rule, check in self._field_rules:
                 try:
@@ -749,9 +774,10 @@ class StreamGuard:
                 out.append(Intervention(rule.name, rule.action, "event", hit.start, hit.end, 0, hit.detail))
                 if rule.action is not Action.LOG:
                     raise _Trip(rule, "", "event")
-            if len(clean) >= _CLEAN_STRINGS:
-                clean.clear()
-            clean[text] = None
+            if clean is not None:
+                if len(clean) >= _CLEAN_STRINGS:
+                    clean.clear()
+                clean[text] = None
         self._clean_others = others
 
     def _release_held(self, now: float, wire: list[bytes | _Wait], out: list[Output]) -> bool:
@@ -948,6 +974,9 @@ def _plan(rules: tuple[BoundRule, ...]) -> _Plan:
 # Strings outside channels (ids, model names, comments) repeat on every event: each is checked
 # once per stream. The cache is cleared when full, so a stream of ever-new strings costs a check each.
 _CLEAN_STRINGS = 1024
+# While the strings outside channels are among the last event's, and those are this few, they are
+# compared with them instead of kept in a set of their own.
+_FEW_STRINGS = 16
 
 
 def _whole_text_check(rule: Rule) -> Callable[[str], tuple[Hit, ...]]:

@@ -112,7 +112,7 @@ class SSEDecoder:
         self._event: str | None = None
         self._id: str | None = None
         self._retry: int | None = None
-        self._comments: list[str] = []
+        self._comments: list[str] | None = None
         self._repaired = False
 
     @property
@@ -269,7 +269,10 @@ class SSEDecoder:
             text = line.decode("utf-8", "replace")
             self._repaired = True
         if text[0] == ":":
-            self._comments.append(text[1:])
+            if self._comments is None:
+                self._comments = [text[1:]]
+            else:
+                self._comments.append(text[1:])
             return
         name, _, value = text.partition(":")
         if value[:1] == " ":
@@ -297,10 +300,9 @@ class SSEDecoder:
             raw = raw.decode("utf-8", "replace").encode("utf-8")
             self._repaired = False
         data = None if self._data_lines is None else "\n".join(self._data_lines)
-        event = SSEEvent(raw, data, self._event, self._id, self._retry, tuple(self._comments))
-        self._data_lines = self._event = self._id = self._retry = None
-        if self._comments:
-            self._comments = []
+        comments = () if self._comments is None else tuple(self._comments)
+        event = SSEEvent(raw, data, self._event, self._id, self._retry, comments)
+        self._data_lines = self._event = self._id = self._retry = self._comments = None
         return event
 
 

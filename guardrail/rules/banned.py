@@ -287,6 +287,16 @@ def _build_searchers(alternatives: Sequence[tuple[str, str]]) -> tuple[_Searcher
     return tuple(alone)
 
 
+@dataclass(frozen=True, slots=True)
+class ScanPlan:
+    """What every checker of one rule searches with: made once per rule, shared by its checkers."""
+
+    searchers: tuple[_Searcher, ...]
+    prefilter: re.Pattern[str] | None  # no match starts where this finds nothing (see _starts_nothing)
+    timeout: float  # seconds one search may run
+    singles: tuple[_Searcher, ...] = ()  # each alternative alone (see BannedPatternsChecker._overlapping)
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)
 class BannedPatterns:
     """Text matching any of ``patterns`` (regex-module syntax) or ``phrases`` is banned.
@@ -334,11 +344,13 @@ class BannedPatterns:
         indexed = [phrase for phrase in phrases if indexable(phrase)] if len(phrases) > INDEX_PHRASES_FROM else []
         alternatives += [(phrase_pattern(p), f"phrase {p!r}") for p in phrases if p not in indexed]
         self._index = PhraseIndex(indexed) if indexed else None
-        self._searchers = _build_searchers(alternatives)
-        # Each alternative alone, to find a match that starts inside another's hit (see _overlapping).
-        self._singles = tuple(_searcher(s, (label,)) for s, label in alternatives) if len(alternatives) > 1 else ()
-        self._prefilter = _prefilter([source for source, _ in alternatives]) if alternatives else None
-        self._timeout = timeout
+        self._plan = ScanPlan(
+            _build_searchers(alternatives),
+            _prefilter([source for source, _ in alternatives]) if alternatives else None,
+            timeout,
+            # Each alternative alone, to find a match that starts inside another's hit.
+            tuple(_searcher(s, (label,)) for s, label in alternatives) if len(alternatives) > 1 else (),
+        )
 
     def check_whole(self, text: str) -> tuple[Hit, ...]:
         """The hits in ``text`` read whole (an id, an error message): what a fresh checker finds.
@@ -346,7 +358,7 @@ class BannedPatterns:
         A string that not one character of can start a match (the prefilter's verdict, as a
         checker's first step would find) costs one search; any other goes through a checker.
         """
-        if self._index is None and not self.normalize and _starts_nothing(self._prefilter, text, 0):
+        if self._index is None and not self.normalize and _starts_nothing(self._plan.prefilter, text, 0):
             return ()
         checker = self.checker()
         return checker.feed(text).hits + checker.finish().hits
@@ -354,11 +366,11 @@ class BannedPatterns:
     def checker(self) -> Checker:
         """A fresh checker for one channel of one stream."""
         checker: Checker
-        if not self._searchers:
+        if not self._plan.searchers:
             assert self._index is not None
             checker = self._index.checker()
         else:
-            checker = BannedPatternsChecker(self._searchers, self._prefilter, self._timeout, self._singles)
+            checker = BannedPatternsChecker(self._plan)
             if self._index is not None:
                 checker = _Both(checker, self._index.checker())
         return FoldedChecker(checker) if self.normalize else checker
@@ -396,34 +408,14 @@ class _Both:
 class BannedPatternsChecker:
     """Per-channel scan state: the unscanned tail of the text and where the next scan starts."""
 
-    __slots__ = (
-        "_base",
-        "_deadline",
-        "_prefilter",
-        "_scan",
-        "_searched_to",
-        "_searchers",
-        "_singles",
-        "_tail",
-        "_timeout",
-    )
+    __slots__ = ("_base", "_plan", "_scan", "_searched_to", "_tail")
 
-    def __init__(
-        self,
-        searchers: tuple[_Searcher, ...],
-        prefilter: re.Pattern[str] | None,
-        timeout: float,
-        singles: tuple[_Searcher, ...] = (),
-    ) -> None:
-        self._searchers = searchers
-        self._singles = singles
-        self._prefilter = prefilter
-        self._timeout = timeout
+    def __init__(self, plan: ScanPlan) -> None:
+        self._plan = plan
         self._tail = ""  # the text from offset _base on
         self._base = 0
         self._scan = 0  # no match can start before this offset, apart from hits already reported
         self._searched_to = 0  # the end of the text at the last search
-        self._deadline = 0.0
 
     def feed(self, text: str) -> Verdict:
         """Scan the channel's next piece of text."""
@@ -431,7 +423,7 @@ class BannedPatternsChecker:
         start = len(tail)
         idle = self._scan == self._base + start  # no match can have started before the new text
         self._tail = tail = tail + text
-        if idle and _starts_nothing(self._prefilter, tail, start):
+        if idle and _starts_nothing(self._plan.prefilter, tail, start):
             # Not one character of it can start a match: keep it only as lookbehind context.
             self._scan += len(text)
             if len(tail) > 2 * LOOKBEHIND_CHARS:
@@ -451,10 +443,10 @@ class BannedPatternsChecker:
         """The text is complete: pending partial matches either match now or never will."""
         return self._scan_tail(final=True)
 
-    def _earliest(self, pos: int, final: bool) -> tuple[regex.Match[str], _Searcher] | None:
+    def _earliest(self, pos: int, final: bool, deadline: float) -> tuple[regex.Match[str], _Searcher] | None:
         best: tuple[regex.Match[str], _Searcher] | None = None
-        for searcher in self._searchers:
-            match = self._search(searcher, pos, final)
+        for searcher in self._plan.searchers:
+            match = self._search(searcher, pos, final, deadline)
             if match is not None and (best is None or match.start() < best[0].start()):
                 best = (match, searcher)
         if best is not None and not final and not best[0].partial and best[0].start() > pos:
@@ -467,28 +459,30 @@ class BannedPatternsChecker:
 
     def _partial_before(self, pos: int, limit: int) -> tuple[regex.Match[str], _Searcher] | None:
         """The earliest match still partial at the end of the text that starts before ``limit``."""
-        for searcher in self._searchers:
+        for searcher in self._plan.searchers:
             start = pos
             while start < limit:
                 # A match partial at the end of the text is partial at ``limit`` too (no complete
                 # match starts before it), so the text cut there finds its candidates.
-                candidate = searcher.pattern.search(self._tail, start, limit, partial=True, timeout=self._timeout)
+                candidate = searcher.pattern.search(self._tail, start, limit, partial=True, timeout=self._plan.timeout)
                 if candidate is None:
                     break
-                whole = searcher.pattern.match(self._tail, candidate.start(), partial=True, timeout=self._timeout)
+                whole = searcher.pattern.match(self._tail, candidate.start(), partial=True, timeout=self._plan.timeout)
                 if whole is not None and whole.partial:
                     return whole, searcher
                 start = candidate.start() + 1
         return None
 
-    def _overlapping(self, start: int, stop: int, label: str, final: bool) -> tuple[int, int, str, bool] | None:
+    def _overlapping(
+        self, start: int, stop: int, label: str, final: bool, deadline: float
+    ) -> tuple[int, int, str, bool] | None:
         """The earliest match of another alternative that starts inside ``[start, stop)`` and ends after it."""
         best: tuple[int, int, str, bool] | None = None
         end = len(self._tail)
-        for single in self._singles:
+        for single in self._plan.singles:
             if single.labels[0] == label:
                 continue
-            match = self._search(single, start + 1, final)
+            match = self._search(single, start + 1, final, deadline)
             if match is None or match.start() >= stop or (match.end() <= stop and not match.partial):
                 continue
             pending = match.partial or (not final and match.end() + LOOKAHEAD_CHARS > end)
@@ -496,19 +490,21 @@ class BannedPatternsChecker:
                 best = (match.start(), match.end(), single.labels[0], pending)
         return best
 
-    def _search(self, searcher: _Searcher, pos: int, final: bool) -> regex.Match[str] | None:
-        """One search, within what is left of the scan's time budget.
+    def _search(self, searcher: _Searcher, pos: int, final: bool, deadline: float) -> regex.Match[str] | None:
+        """One search, within what is left of the scan's time budget (it ends at ``deadline``).
 
         The timeout is wall-clock time: a busy host can preempt an ordinary search past it, so a
         timed-out search is tried once more if the budget allows. A pattern that is really too
         slow runs out of the budget, and the rule fails.
         """
         for _ in range(2):
-            left = self._deadline - time.perf_counter()
+            left = deadline - time.perf_counter()
             if left <= 0.001:
                 break
             try:
-                return searcher.pattern.search(self._tail, pos, partial=not final, timeout=min(self._timeout, left))
+                return searcher.pattern.search(
+                    self._tail, pos, partial=not final, timeout=min(self._plan.timeout, left)
+                )
             except TimeoutError:
                 continue
         label = searcher.labels[0] if len(searcher.labels) == 1 else "patterns"
@@ -520,11 +516,11 @@ class BannedPatternsChecker:
     def _scan_tail(self, *, final: bool) -> Verdict:
         hits: list[Hit] = []
         end = len(self._tail)
-        self._deadline = time.perf_counter() + SCAN_BUDGET_SECONDS
+        deadline = time.perf_counter() + SCAN_BUDGET_SECONDS
         self._searched_to = self._base + end
         pos = self._scan - self._base
         while pos < end:
-            found = self._earliest(pos, final)
+            found = self._earliest(pos, final, deadline)
             if found is None:
                 pos = end
                 break
@@ -544,7 +540,7 @@ class BannedPatternsChecker:
             pos = stop
             # Another alternative may start inside this hit and reach past it: a key written
             # straight before "-----BEGIN RSA PRIVATE KEY-----" must not hide the PEM block.
-            while (inner := self._overlapping(start, stop, label, final)) is not None:
+            while (inner := self._overlapping(start, stop, label, final, deadline)) is not None:
                 start, stop, label, pending = inner
                 if pending and end - start <= MAX_MATCH_CHARS:
                     pos = start
