@@ -85,6 +85,20 @@ def test_ten_thousand_phrases_load_fast_and_do_not_trip_on_their_own_words() -> 
     assert client_text(rule, f"a {phrases[1234].upper()} b", byte_step=1) == "a [x] b"
 
 
+def test_a_word_the_text_stops_in_is_held_only_if_it_may_begin_a_phrase() -> None:
+    """Held: what may grow into a first word, or continue a phrase begun before it. Released: the rest."""
+    phrases = [f"first{n} second{n} third{n}" for n in range(INDEX_PHRASES_FROM + 1)]
+    rule = BannedPatterns(phrases=phrases)
+    assert rule.checker().feed("say firs").safe == len("say ")  # may become "first0"
+    assert rule.checker().feed("say second").safe == len("say second")  # begins no phrase
+    assert rule.checker().feed("say first3 seco").safe == len("say ")  # "first3 second3..." on its way
+    assert rule.checker().feed("say first3 second4").safe == len("say first3 second4")  # follows no first3
+    checker = rule.checker()
+    assert checker.feed("say first3 second3 thi").safe == len("say ")
+    verdict = checker.feed("rd3.")
+    assert [(hit.start, hit.end) for hit in verdict.hits] == [(4, len("say first3 second3 third3"))]
+
+
 def test_a_pattern_still_on_its_way_is_held_though_a_later_phrase_is_complete() -> None:
     """The regex module prefers a complete match to an earlier partial one; the guard must not."""
     pem = r"-----BEGIN[A-Z ]{0,20}PRIVATE KEY-----[A-Za-z0-9+/=\s]{0,400}?-----END[A-Z ]{0,20}PRIVATE KEY-----"

@@ -76,3 +76,43 @@ def test_logprobs_that_do_not_spell_the_text_never_reach_the_client() -> None:
     wire = b"".join(o.data for o in guard.feed(honest + hostile) + guard.close() if isinstance(o, Send))
     assert wire.startswith(honest)  # tokens that spell the text pass as they came
     assert key[:12].encode() not in wire and key[12:].encode() not in wire
+
+
+# A quick-path chunk the guard rewrites (its text held back, released later, or redacted) is
+# written around a frame made once per shape of chunk: it must read as the chunk itself, with
+# only its content changed, whatever shapes follow one another and whatever the strings hold.
+identities = st.fixed_dictionaries(
+    {"id": st.sampled_from(["chatcmpl-1", "chatcmpl-2", "\x00guardrail text\x00", 'q"\u2028'])},
+    optional={
+        "object": st.just("chat.completion.chunk"),
+        "created": st.sampled_from([1, 2]),
+        "model": st.sampled_from(["m", "\x00guardrail text\x00"]),
+        "system_fingerprint": st.sampled_from(["fp", None]),
+    },
+)
+quick_choices = st.fixed_dictionaries(
+    {"delta": st.builds(lambda text: {"content": text}, st.sampled_from([" hi", "x"]))},
+    optional={
+        "index": st.sampled_from([0, 1]),
+        "finish_reason": st.sampled_from([None, ""]),
+        "logprobs": st.none(),
+    },
+)
+replacements = st.sampled_from(["", "held", " w\u2028x", "\x00guardrail text\x00", '"q\\', "\ud800", "é"])
+
+
+@given(st.lists(st.tuples(identities, quick_choices, st.booleans(), replacements), min_size=1, max_size=12))
+def test_a_rewritten_chunk_is_the_chunk_with_its_new_text(chunks: list[tuple[Any, Any, bool, str]]) -> None:
+    stream = ChatStream()
+    for identity, choice, choices_first, text in chunks:
+        obj = {"choices": [choice], **identity} if choices_first else {**identity, "choices": [choice]}
+        event = event_of(obj)
+        parsed = stream.parse(event.raw, event)
+        assert parsed.pieces and parsed.pieces[0].path == ("choices", 0, "delta", "content")  # the quick path
+        written = stream.rewrite(parsed, {0: text}, None)  # type: ignore[arg-type]  # (no ledger needed here)
+        if not text:
+            assert written == b""
+            continue
+        assert written.startswith(b"data: ") and written.endswith(b"\n\n") and written.count(b"\n") == 2
+        expected = {**obj, "choices": [{**choice, "delta": {"content": text}}]}
+        assert json.loads(written[len(b"data: ") :]) == json.loads(json.dumps(expected))

@@ -236,6 +236,8 @@ class _ChannelGuard:
         return self.log.text()
 
     def _release(self, frontier: int, out: list[Output]) -> str:
+        if not self.hits:  # (nearly always: text held back only because it may begin a match)
+            return self._take(frontier) if frontier > self.released else ""
         parts: list[str] = []
         while self.hits:
             self.hits.sort(key=lambda item: (item[0].start, _PRECEDENCE[item[1].action]))

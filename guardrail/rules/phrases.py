@@ -3,8 +3,8 @@
 A phrase made of word characters (``project starlight``) matches the same text as the regex
 ``(?<!\\w)(?i:project\\s+starlight)(?!\\w)``: the same words, case-insensitively (by case
 folding), any run of whitespace between them, word-bounded. Instead of trying every phrase at
-every position, the checker walks the text word by word and looks each word up in an index of
-first words, so 10,000 phrases cost about what one does. Phrases with other characters, or
+every position, the checker walks the text word by word and follows each word down a trie of
+the phrases' words, so 10,000 phrases cost about what one does. Phrases with other characters, or
 written in scripts without spaces between words, stay with the regex (see ``phrase_pattern``).
 """
 
@@ -12,18 +12,32 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import regex
 
 from guardrail.core.rule import Hit, Verdict
 
-_WORD = regex.compile(r"\w+")
-_NEXT_WORD = regex.compile(r"\s+(\w+)")
+# The text as runs of word characters and runs of other characters, alternating.
+_TOKENS = regex.compile(r"\w+|\W+")
+_SPACES = regex.compile(r"\s+")
 # The same in ASCII text, which nearly all text is: what \w and \s match there, spelled out for
-# the re module, which finds it in about two thirds of the time.
-_ASCII_WORD = re.compile(r"[0-9A-Za-z_]+")
-_ASCII_NEXT_WORD = re.compile(r"[ \t\n\x0b\x0c\r]+([0-9A-Za-z_]+)")
+# the re module, which finds them in about half the time.
+_ASCII_TOKENS = re.compile(r"[0-9A-Za-z_]+|[^0-9A-Za-z_]+")
+_ASCII_SPACES = " \t\n\x0b\x0c\r"
+_WORD_CHAR = regex.compile(r"\w")
+_ASCII_WORD_CHAR = re.compile(r"[0-9A-Za-z_]")
+
+
+def _is_word(token: str, ascii_text: bool) -> bool:
+    """Whether ``token`` (a run of one kind) is a word's run, not the run between words."""
+    return (_ASCII_WORD_CHAR if ascii_text else _WORD_CHAR).match(token) is not None
+
+
+def _is_space(gap: str, ascii_text: bool) -> bool:
+    """Whether ``gap`` (a run between words) is whitespace only, as ``\\s`` reads it."""
+    return not gap.strip(_ASCII_SPACES) if ascii_text else _SPACES.fullmatch(gap) is not None
+
+
 _SIMPLE = regex.compile(r"\w+(?:\s+\w+)*")
 # Scripts written without spaces between words: a phrase there has no word boundary at that edge.
 # (The kana block also holds marks of the Common script, such as the prolonged sound mark ー.)
@@ -37,24 +51,37 @@ def indexable(phrase: str) -> bool:
     return _SIMPLE.fullmatch(phrase.strip()) is not None and UNSPACED.search(phrase) is None
 
 
-class _Candidate(NamedTuple):
-    rest: tuple[str, ...]  # the folded words after the first
-    label: str
+class _Node:
+    """The phrases that go on after some words: a phrase ending here, and the words that may come next."""
+
+    __slots__ = ("label", "next")
+
+    def __init__(self) -> None:
+        self.label: str | None = None  # the phrase that ends here, if one does
+        self.next: dict[str, _Node] = {}  # folded next word: what goes on after it
 
 
 class PhraseIndex:
-    """Phrases of word characters, indexed by their first word (case-folded)."""
+    """Phrases of word characters, as a trie of their case-folded words."""
 
     def __init__(self, phrases: Iterable[str]) -> None:
-        self.first: dict[str, list[_Candidate]] = {}
-        self.prefixes: set[str] = set()  # every prefix of every phrase word: what a cut word may become
+        self.first: dict[str, _Node] = {}
+        # Every prefix of every first word: what a word the text stops in may become, and start a
+        # phrase (one already going on there is held from its start; see PhraseChecker._rest).
+        self.prefixes: set[str] = set()
         for phrase in phrases:
             words = [word.casefold() for word in phrase.split()]
-            self.first.setdefault(words[0], []).append(_Candidate(tuple(words[1:]), f"phrase {phrase!r}"))
-            for word in words:
-                self.prefixes.update(word[:end] for end in range(1, len(word) + 1))
-        for candidates in self.first.values():
-            candidates.sort(key=lambda candidate: -len(candidate.rest))  # the longest phrase first
+            node = self.first.get(words[0])
+            if node is None:
+                node = self.first[words[0]] = _Node()
+            for word in words[1:]:
+                child = node.next.get(word)
+                if child is None:
+                    child = node.next[word] = _Node()
+                node = child
+            if node.label is None:  # (phrases folding to the same words: the first one names them)
+                node.label = f"phrase {phrase!r}"
+            self.prefixes.update(words[0][:end] for end in range(1, len(words[0]) + 1))
 
     def checker(self) -> PhraseChecker:
         return PhraseChecker(self)
@@ -84,29 +111,36 @@ class PhraseChecker:
         hits: list[Hit] | None = None
         resume = end  # where the next scan starts: the last word, if the text may still continue it
         held = end
+        ascii_text = tail.isascii()
+        tokens: list[str] = (_ASCII_TOKENS if ascii_text else _TOKENS).findall(tail)
+        count = len(tokens)
         first = self._index.first
-        is_ascii = tail.isascii()
-        for match in (_ASCII_WORD if is_ascii else _WORD).finditer(tail):
-            start, stop = match.span()
-            word = match.group().casefold()
+        # Words and the runs between them alternate: the first token's kind tells every token's.
+        number = start = 0
+        if count and not _is_word(tokens[0], ascii_text):
+            number, start = 1, len(tokens[0])
+        while number < count:
+            token = tokens[number]
+            stop = start + len(token)
+            word = token.lower() if ascii_text else token.casefold()  # (lower is casefold in ASCII)
             if stop == end and not final:
                 resume = start
                 if word in self._index.prefixes:
                     held = start  # it may grow into a phrase's first word
                 break
-            candidates = first.get(word)
-            if candidates is None:
-                continue
-            found = self._rest(stop, candidates, final, _ASCII_NEXT_WORD if is_ascii else _NEXT_WORD)
-            if found is None:
-                continue
-            if isinstance(found, int):  # the text may still complete a phrase here
-                resume = held = start
-                break
-            hit_end, label = found
-            if hits is None:
-                hits = []
-            hits.append(Hit(self._base + start, self._base + hit_end, label))
+            node = first.get(word)
+            if node is not None:
+                found = self._rest(tokens, number, stop, node, final, ascii_text)
+                if isinstance(found, int):  # the text may still complete a phrase here
+                    resume = held = start
+                    break
+                if found is not None:
+                    hit_end, label = found
+                    if hits is None:
+                        hits = []
+                    hits.append(Hit(self._base + start, self._base + hit_end, label))
+            start = stop + len(tokens[number + 1]) if number + 1 < count else stop
+            number += 2
         safe = self._base + held
         if safe < self._safe:
             safe = self._safe
@@ -118,32 +152,39 @@ class PhraseChecker:
         return Verdict(safe, tuple(hits)) if hits else Verdict(safe)
 
     def _rest(
-        self, pos: int, candidates: list[_Candidate], final: bool, next_word: re.Pattern[str] | regex.Pattern[str]
+        self, tokens: list[str], number: int, at: int, node: _Node, final: bool, ascii_text: bool
     ) -> tuple[int, str] | int | None:
-        """The end and label of the longest phrase going on at ``pos``; -1 if the text may still make one."""
-        tail = self._tail
-        end = len(tail)
-        pending = False
-        words: dict[int, tuple[int, str] | None] = {}  # position: the next word after it (end, folded)
-        for candidate in candidates:
-            at = pos
-            for word in candidate.rest:
-                if at not in words:
-                    match = next_word.match(tail, at)
-                    words[at] = None if match is None else (match.end(), match.group(1).casefold())
-                found = words[at]
-                if found is None:
-                    if not final and (at == end or tail[at:].isspace()):
-                        pending = True  # the text stops between the words
-                    break
-                stop, got = found
-                if stop == end and not final:
-                    if word.startswith(got):
-                        pending = True  # the text stops inside the word
-                    break
-                if got != word:
-                    break
-                at = stop
-            else:
-                return at, candidate.label
-        return -1 if pending else None
+        """The end and label of the longest phrase going on after word ``number`` (ending at ``at``).
+
+        -1 if none has been found and the text may still make one (it stops between words, or
+        inside a word that a phrase may go on with).
+        """
+        longest: tuple[int, str] | None = None if node.label is None else (at, node.label)
+        count = len(tokens)
+        between = number + 1
+        while node.next:
+            if between >= count:  # the text stops right after the word
+                if longest is None and not final:
+                    return -1
+                break
+            gap = tokens[between]
+            if between + 1 >= count or not _is_space(gap, ascii_text):  # no word after whitespace only
+                if longest is None and not final and between + 1 >= count and gap.isspace():
+                    return -1  # the text stops between the words
+                break
+            token = tokens[between + 1]
+            at += len(gap) + len(token)
+            got = token.lower() if ascii_text else token.casefold()
+            if between + 2 >= count and not final:  # the text stops inside the word
+                if longest is None:
+                    for word in node.next:
+                        if word.startswith(got):
+                            return -1
+                break
+            child = node.next.get(got)
+            if child is None:
+                break
+            node, between = child, between + 2
+            if node.label is not None:
+                longest = (at, node.label)
+        return longest
