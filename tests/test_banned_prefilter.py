@@ -183,3 +183,15 @@ def test_a_string_read_whole_finds_a_key_and_skips_an_id() -> None:
     key = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2"
     assert [(hit.start, hit.end) for hit in rule.check_whole(f"id {key}!")] == [(3, 3 + len(key))]
     assert rule.check_whole("chatcmpl-AbCdEfGh") == ()
+
+
+def test_checkers_fed_one_text_keep_their_own_tails() -> None:
+    """The checkers of a channel share a joined tail only when theirs are equal; each still finds its own matches."""
+    rule = BannedPatterns(patterns=[r"(?<![a-z])key-[0-9]{4}"])
+    first, second, third = rule.checker(), rule.checker(), rule.checker()
+    first.feed("the key-")
+    second.feed("a key-")
+    third.feed("the key-")
+    text = "1234 and more"
+    hits = [checker.feed(text).hits + checker.finish().hits for checker in (first, second, third)]
+    assert [[(hit.start, hit.end) for hit in found] for found in hits] == [[(4, 12)], [(2, 10)], [(4, 12)]]

@@ -405,6 +405,13 @@ class _Both:
         return Verdict(min(one.safe, two.safe), one.hits + two.hits)
 
 
+# The checkers of a channel's banned-pattern rules are fed the same text, one after another, and
+# mostly hold the same tail: the first to join its tail and the text leaves the result here for
+# the others (see BannedPatternsChecker.feed), so that a channel keeps one copy of its recent
+# text rather than one per rule.
+_last_join = ("", "", "")  # (tail, text, tail + text)
+
+
 class BannedPatternsChecker:
     """Per-channel scan state: the unscanned tail of the text and where the next scan starts."""
 
@@ -422,7 +429,13 @@ class BannedPatternsChecker:
         tail = self._tail
         start = len(tail)
         idle = self._scan == self._base + start  # no match can have started before the new text
-        self._tail = tail = tail + text
+        global _last_join
+        before, added, joined = _last_join
+        if text is added and tail == before:
+            tail = joined
+        else:
+            _last_join = (tail, text, tail := tail + text)
+        self._tail = tail
         if idle and _starts_nothing(self._plan.prefilter, tail, start):
             # Not one character of it can start a match: keep it only as lookbehind context.
             self._scan += len(text)

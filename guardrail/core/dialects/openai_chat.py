@@ -49,9 +49,6 @@ _DONE = encode_event("[DONE]")
 _STOP_REASONS = {StopReason.POLICY: "content_filter", StopReason.LENGTH: "length"}
 _REASONING = ("reasoning_content", "reasoning")
 _QUICK_PATH = ("choices", 0, "delta", "content")
-# Stands for the text in a quick-path chunk written once around it (see ChatStream._quick_frame).
-_PLACEHOLDER = "\x00guardrail text\x00"
-_PLACEHOLDER_JSON = jsontext.dump_bytes(_PLACEHOLDER)
 # A channel name (choices[0].tool_calls[1].function.arguments) read back into keys and indexes.
 _NAME_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 # Keys of the chunk's own structure: no model text in them, so they are not checked as strings.
@@ -114,7 +111,6 @@ class ChatStream:
         "_altered",
         "_body",
         "_continuation",
-        "_frame",
         "_has_identity",
         "_owe_usage",
         "_prompt_tokens",
@@ -150,7 +146,6 @@ class ChatStream:
         self._altered: tuple[int, ...] = ()  # (a tuple: the smallest set of a few)
         self._rest: dict[str, Any] | None = None  # a chunk without its choices, as last seen
         self._rest_others: tuple[str, ...] = ()
-        self._frame: tuple[tuple[Any, ...], bytes, bytes] | None = None  # see _quick_frame
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -328,25 +323,6 @@ class ChatStream:
                 return False
         return True
 
-    def _quick_frame(self, obj: dict[str, Any], choice: dict[str, Any], index: int, text: str) -> bytes:
-        """The quick path's chunk ``obj`` with ``text`` for its content.
-
-        The bytes around the text repeat from chunk to chunk: they are written once for each
-        shape of chunk (what ``_quick`` read beside the choice, and the choice's other fields),
-        and only the text is written for each. (Called for the chunk ``_quick`` read last.)
-        """
-        shape = (self._rest, tuple(choice), index, choice.get("finish_reason"))
-        frame = self._frame
-        if frame is None or frame[0] != shape:
-            out = {**obj, "choices": [{**choice, "delta": {"content": _PLACEHOLDER}}]}
-            written = b"data: " + jsontext.dump_bytes(out) + b"\n\n"  # (what encode_event writes for one line)
-            around = written.split(_PLACEHOLDER_JSON)
-            if len(around) != 2:  # (the placeholder's own bytes elsewhere in the chunk)
-                out = {**obj, "choices": [{**choice, "delta": {"content": text}}]}
-                return b"data: " + jsontext.dump_bytes(out) + b"\n\n"
-            frame = self._frame = (shape, around[0], around[1])
-        return frame[1] + jsontext.dump_bytes(text) + frame[2]
-
     def _alter(self, index: int) -> None:
         if index not in self._altered:
             self._altered += (index,)
@@ -403,7 +379,8 @@ class ChatStream:
                 self._altered += (index,)
             if not text:
                 return b""
-            return self._quick_frame(obj, choice, index, text)
+            out = {**obj, "choices": [{**choice, "delta": {"content": text}}]}
+            return b"data: " + jsontext.dump_bytes(out) + b"\n\n"  # (what encode_event writes for one line)
         replacements: dict[jsontext.Path, object] = {}
         for number, piece in enumerate(parsed.pieces):
             text = texts.get(number, "")
