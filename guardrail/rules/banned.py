@@ -429,13 +429,12 @@ class BannedPatternsChecker:
         tail = self._tail
         start = len(tail)
         idle = self._scan == self._base + start  # no match can have started before the new text
-        global _last_join
+        global _last_join  # (the join the channel's other checkers share: see _last_join)
         before, added, joined = _last_join
-        if text is added and tail == before:
-            tail = joined
-        else:
-            _last_join = (tail, text, tail := tail + text)
-        self._tail = tail
+        if not (text is added and tail == before):
+            joined = tail + text
+            _last_join = (tail, text, joined)
+        self._tail = tail = joined
         if idle and _starts_nothing(self._plan.prefilter, tail, start):
             # Not one character of it can start a match: keep it only as lookbehind context.
             self._scan += len(text)
