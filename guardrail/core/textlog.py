@@ -55,4 +55,4 @@ class TextLog:
         return text
 
     def __bool__(self) -> bool:
-        return bool(self._last) or bool(self._parts)
+        return bool(self._last)  # (older parts are kept only behind a newer, non-empty one)

@@ -33,6 +33,11 @@ def _is_word(token: str, ascii_text: bool) -> bool:
     return (_ASCII_WORD_CHAR if ascii_text else _WORD_CHAR).match(token) is not None
 
 
+def _fold(word: str, ascii_text: bool) -> str:
+    """``word`` case-folded, as phrases are (in ASCII text, lower is casefold, and cheaper)."""
+    return word.lower() if ascii_text else word.casefold()
+
+
 def _is_space(gap: str, ascii_text: bool) -> bool:
     """Whether ``gap`` (a run between words) is whitespace only, as ``\\s`` reads it."""
     return not gap.strip(_ASCII_SPACES) if ascii_text else _SPACES.fullmatch(gap) is not None
@@ -122,7 +127,7 @@ class PhraseChecker:
         while number < count:
             token = tokens[number]
             stop = start + len(token)
-            word = token.lower() if ascii_text else token.casefold()  # (lower is casefold in ASCII)
+            word = _fold(token, ascii_text)
             if stop == end and not final:
                 resume = start
                 if word in self._index.prefixes:
@@ -174,7 +179,7 @@ class PhraseChecker:
                 break
             token = tokens[between + 1]
             at += len(gap) + len(token)
-            got = token.lower() if ascii_text else token.casefold()
+            got = _fold(token, ascii_text)
             if between + 2 >= count and not final:  # the text stops inside the word
                 if longest is None:
                     for word in node.next:

@@ -375,8 +375,8 @@ class ChatStream:
             text = texts.get(0, "")
             choice = obj["choices"][0]
             index = choice.get("index", 0)
-            if text != parsed.pieces[0].text and index not in self._altered:
-                self._altered += (index,)
+            if text != parsed.pieces[0].text:
+                self._alter(index)
             if not text:
                 return b""
             out = {**obj, "choices": [{**choice, "delta": {"content": text}}]}
