@@ -3,7 +3,7 @@
 A generator builds one response from a seed: banned matches and ordinary text spread over every
 text-bearing field, split at random points (inside UTF-8 characters on the wire), finish marks
 in every placement, logprobs, several choices, text after a finish, error events, comments, ids,
-unknown fields. :func:`leaks` reads what a client receives the way a client does: every JSON
+unknown fields, objects that repeat a key. :func:`leaks` reads what a client receives the way a client does: every JSON
 string decoded, and each channel's text joined across events, and reports any banned match.
 """
 
@@ -82,8 +82,45 @@ def rechunk(rng: random.Random, body: bytes) -> list[bytes]:
     return [body[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+def repeating(value: object, rng: random.Random) -> str:
+    """JSON for ``value`` in which some objects repeat a key, first with other text.
+
+    Parsers disagree on which value of a repeated key counts: a client keeping the first
+    would show that text.
+    """
+    if isinstance(value, dict):
+        members = [f"{json.dumps(key)}:{repeating(child, rng)}" for key, child in value.items()]
+        if value and rng.random() < 0.3:
+            members.insert(0, f"{json.dumps(rng.choice(list(value)))}:{json.dumps(text(rng))}")
+        return "{" + ",".join(members) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(repeating(child, rng) for child in value) + "]"
+    return json.dumps(value)
+
+
+def json_text(obj: object, rng: random.Random) -> str:
+    if rng.random() < 0.02:
+        return repeating(obj, rng)
+    return json.dumps(obj, ensure_ascii=rng.random() < 0.5)
+
+
+def client_json(data: str | bytes, seen: list[str]) -> Any:
+    """``data`` parsed as the SDKs parse it (the last value of a repeated key wins); the strings of
+    the values it shadows go to ``seen``, since a client keeping the first would show them."""
+
+    def members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                seen.extend(_strings(obj[key]))
+            obj[key] = value
+        return obj
+
+    return json.loads(data, object_pairs_hook=members)
+
+
 def sse(obj: object, rng: random.Random) -> bytes:
-    data = json.dumps(obj, ensure_ascii=rng.random() < 0.5)
+    data = json_text(obj, rng)
     prefix = b""
     if rng.random() < 0.05:
         prefix += f": {text(rng)}\n".replace("\n\n", "\n").encode()[:200].split(b"\n")[0] + b"\n"
@@ -181,7 +218,7 @@ def _sse_objects(wire: bytes, seen: list[str]) -> Iterator[Any]:
         if event.data is None:
             continue
         try:
-            yield json.loads(event.data)
+            yield client_json(event.data, seen)
         except ValueError:
             seen.append(event.data)
 
@@ -497,7 +534,7 @@ def ollama_stream(rng: random.Random) -> bytes:
     }
     if rng.random() < 0.3:
         final["message"]["content"] = text(rng)  # text on the final line
-    body = [json.dumps(line, ensure_ascii=rng.random() < 0.5).encode() + b"\n" for line in [*lines, final]]
+    body = [json_text(line, rng).encode() + b"\n" for line in [*lines, final]]
     if rng.random() < 0.05:
         body.insert(rng.randint(0, len(body)), json.dumps({"error": text(rng)}).encode() + b"\n")
     return b"".join(body)
@@ -511,7 +548,7 @@ def ollama_client(wire: bytes) -> list[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = client_json(line, seen)
         except ValueError:
             seen.append(line.decode("utf-8", "replace"))
             continue

@@ -6,10 +6,14 @@ Never a crash, never text the rules have not seen.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
-from guardrail.core.dialect import Framing
+import pytest
+
+from guardrail.core.dialect import DialectStream, Framing
 from guardrail.core.dialects.gemini import GeminiStream
 from guardrail.core.dialects.ollama import OllamaStream
+from guardrail.core.dialects.openai_chat import ChatStream
 from guardrail.core.dialects.vercel_ui import UIMessageStream
 from guardrail.core.engine import StreamGuard
 from guardrail.core.outputs import Anomaly, AnomalyKind, Ended, Outcome, Output, Send
@@ -85,3 +89,45 @@ def test_gemini_text_in_unexpected_shapes_is_still_checked() -> None:
     for shape in shapes:
         wire, _ = run(StreamGuard([RULE], GeminiStream()), f"data: {json.dumps(shape)}\n\n".encode())
         assert KEY.encode() not in wire, shape
+
+
+def _repeated(text: str) -> str:
+    return f'"text":{json.dumps(text)},"text":"fine"'
+
+
+@pytest.mark.parametrize(
+    ("make", "clean", "event"),
+    [
+        (
+            ChatStream,
+            b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi. "}}]}\n\n',
+            f'data: {{"id":"c","choices":[{{"index":0,"delta":{{"content":"{KEY}","content":"fine"}}}}]}}\n\n',
+        ),
+        (ChatStream, b"", f'data: {{"id":"{KEY}","id":"c","choices":[]}}\n\n'),
+        (
+            lambda: ChatStream(Framing.JSON),
+            b"",
+            f'{{"id":"c","choices":[{{"index":0,"message":{{"content":"{KEY}","content":"ok"}},"finish_reason":"stop"}}]}}',
+        ),
+        (
+            lambda: OllamaStream(Framing.NDJSON),
+            b'{"model":"m","message":{"role":"assistant","content":"Hi. "},"done":false}\n',
+            f'{{"model":"m","message":{{"role":"assistant","content":"{KEY}","content":"ok"}},"done":false}}\n',
+        ),
+        (
+            GeminiStream,
+            b'data: {"candidates":[{"content":{"parts":[{"text":"Hi. "}]},"index":0}]}\n\n',
+            f'data: {{"candidates":[{{"content":{{"parts":[{{{_repeated(KEY)}}}]}},"index":0}}]}}\n\n',
+        ),
+        (UIMessageStream, b"", f'data: {{"type":"text-delta","id":"t","delta":"{KEY}","delta":"ok"}}\n\n'),
+    ],
+)
+def test_an_object_that_repeats_a_key_ends_the_stream_and_none_of_it_goes_out(
+    make: Callable[[], DialectStream], clean: bytes, event: str
+) -> None:
+    """Parsers disagree on which value of a repeated key counts: the one the guard did not read
+    would reach a client that keeps the first. The event is refused as malformed."""
+    wire, outputs = run(StreamGuard([RULE], make()), clean, event.encode())
+    assert KEY.encode() not in wire and wire.startswith(clean)
+    assert any(isinstance(o, Anomaly) and o.kind is AnomalyKind.MALFORMED_EVENT for o in outputs)
+    assert ended(outputs) is Outcome.UPSTREAM_ERROR

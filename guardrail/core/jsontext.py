@@ -1,9 +1,10 @@
 """JSON for the wire: reading untrusted events, writing events, and finding every string in them.
 
 Events come from apps and upstreams the guard does not trust: JSON nested too deep for the
-parsers is refused as :class:`Malformed` rather than raising ``RecursionError``, every walk over
-a parsed event is iterative, and what is written escapes the characters some clients split
-lines on.
+parsers is refused as :class:`Malformed` rather than raising ``RecursionError``, so is an
+object that repeats a key (parsers disagree on which of its values counts, and the one the
+guard did not read would reach the client in the event's bytes), every walk over a parsed event
+is iterative, and what is written escapes the characters some clients split lines on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class Malformed(ValueError):
 
 
 def loads(data: str | bytes) -> Any:
-    """Parse ``data``; raises :class:`Malformed` for invalid JSON or nesting the parsers refuse."""
+    """Parse ``data``; raises :class:`Malformed` for invalid JSON, nesting the parsers refuse, or
+    an object that repeats a key."""
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -30,7 +32,38 @@ def loads(data: str | bytes) -> Any:
             value = json.loads(data)
         except (ValueError, RecursionError) as exc:
             raise Malformed(f"not JSON: {type(exc).__name__}") from None
+    if type(value) is dict or type(value) is list:
+        # Written back out, the value holds each of its strings (keys included) once; ``data``
+        # holds one more for every member a repeated key shadowed. Strings counted by quotes:
+        try:
+            written = orjson.dumps(value)
+        except (orjson.JSONEncodeError, TypeError):
+            written = dump_bytes(value)
+        strings = _delimiting_quotes(written) if _BACKSLASH in written else written.count(_QUOTE)
+        if isinstance(data, str) and "\\" not in data:
+            raw = data.count('"')
+        else:
+            raw = _delimiting_quotes(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
+        if raw != strings:
+            raise Malformed("JSON whose object repeats a key")
     return value
+
+
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")  # (bytes methods take ints at C speed)
+
+
+def _delimiting_quotes(data: bytes) -> int:
+    """The quotes that begin or end a string in the JSON ``data``: all but those escaped.
+
+    A quote is escaped if an odd number of backslashes stands before it: those after at least
+    one backslash, less those after at least two, plus those after at least three...
+    """
+    quotes = data.count(_QUOTE)
+    sign, run = -1, b'\\"'
+    while (after := data.count(run)) > 0:
+        quotes += sign * after
+        sign, run = -sign, b"\\" + run
+    return quotes
 
 
 def dumps(obj: object) -> str:
