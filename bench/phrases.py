@@ -33,6 +33,14 @@ def vocabulary(size: int = 3000) -> list[str]:
     return [f"{chr(97 + n % 26)}{chr(97 + n // 26 % 26)}{chr(97 + n // 676 % 26)}word{n}" for n in range(size)]
 
 
+def phrase_list(words: list[str], count: int) -> list[str]:
+    """``count`` distinct two-word phrases of ``words``: each round of first words gets new second words."""
+    size = len(words)
+    phrases = [f"{words[n % size]} {words[(n * 7 + 3 * (n // size) + 1) % size]}" for n in range(count)]
+    assert len(set(phrases)) == count
+    return phrases
+
+
 def own_order(words: list[str], phrases: list[str], count: int) -> list[str]:
     """``count`` of the phrases' words in an order in which no two neighbours form a phrase."""
     pairs = set(phrases)
@@ -73,7 +81,7 @@ def main() -> None:
     parser.add_argument("--phrases", type=int, default=10_000)
     args = parser.parse_args()
     words = vocabulary()
-    phrases = [f"{words[n % len(words)]} {words[(n * 7 + 1) % len(words)]}" for n in range(args.phrases)]
+    phrases = phrase_list(words, args.phrases)
     loads = []
     for _ in range(3):
         started = time.perf_counter()

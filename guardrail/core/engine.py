@@ -202,7 +202,10 @@ class _ChannelGuard:
                 self._record(released)
             return released
         start = self.released
-        released = self._release(frontier, out)
+        if self.hits:
+            released = self._release(frontier, out)
+        else:  # (nearly always: text held back only because it may begin a match)
+            released = self._take(frontier) if frontier > start else ""
         plain = self.released - max(start, self.redacted_until)  # released text after the last replacement
         if released and self.pending and plain > 0 and not released[-1].isspace():
             # Text still held is glued to what is released: if it is later replaced, or the stream
@@ -216,7 +219,11 @@ class _ChannelGuard:
                 released = released[: len(released) - run]
         if released:
             self._record(released)
-        self._note_held(held_before, released, out, now)
+            if held_before and self.held_since is not None:
+                out.append(Released(min(held_before, len(released)), self.held_since))
+                self.held_since = None
+        if self.pending and self.held_since is None:
+            self.held_since = now
         return released
 
     def _add_hits(self, hits: Sequence[Hit], rule: BoundRule) -> None:
@@ -236,8 +243,6 @@ class _ChannelGuard:
         return self.log.text()
 
     def _release(self, frontier: int, out: list[Output]) -> str:
-        if not self.hits:  # (nearly always: text held back only because it may begin a match)
-            return self._take(frontier) if frontier > self.released else ""
         parts: list[str] = []
         while self.hits:
             self.hits.sort(key=lambda item: (item[0].start, _PRECEDENCE[item[1].action]))
@@ -353,13 +358,6 @@ class _ChannelGuard:
             glued = _GLUED.search(text)
             text = text[: max(cut, glued.start() if glued is not None else len(text))]
         return text
-
-    def _note_held(self, held_before: int, released: str, out: list[Output], now: float) -> None:
-        if held_before and self.held_since is not None and released:
-            out.append(Released(min(held_before, len(released)), self.held_since))
-            self.held_since = None
-        if self.pending and self.held_since is None:
-            self.held_since = now
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

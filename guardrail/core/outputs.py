@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from guardrail.core.rule import Action, Fallback
 
@@ -58,9 +59,11 @@ class Intervention:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Released:
-    """``chars`` characters that had been held back were released; the oldest arrived at ``held_since``."""
+class Released(NamedTuple):
+    """``chars`` characters that had been held back were released; the oldest arrived at ``held_since``.
+
+    (A named tuple: a stream whose every word may begin a match hands one back for every delta.)
+    """
 
     chars: int
     held_since: float

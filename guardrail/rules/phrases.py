@@ -11,6 +11,7 @@ written in scripts without spaces between words, stay with the regex (see ``phra
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Iterable
 
 import regex
@@ -25,22 +26,7 @@ _SPACES = regex.compile(r"\s+")
 _ASCII_TOKENS = re.compile(r"[0-9A-Za-z_]+|[^0-9A-Za-z_]+")
 _ASCII_SPACES = " \t\n\x0b\x0c\r"
 _WORD_CHAR = regex.compile(r"\w")
-_ASCII_WORD_CHAR = re.compile(r"[0-9A-Za-z_]")
-
-
-def _is_word(token: str, ascii_text: bool) -> bool:
-    """Whether ``token`` (a run of one kind) is a word's run, not the run between words."""
-    return (_ASCII_WORD_CHAR if ascii_text else _WORD_CHAR).match(token) is not None
-
-
-def _fold(word: str, ascii_text: bool) -> str:
-    """``word`` case-folded, as phrases are (in ASCII text, lower is casefold, and cheaper)."""
-    return word.lower() if ascii_text else word.casefold()
-
-
-def _is_space(gap: str, ascii_text: bool) -> bool:
-    """Whether ``gap`` (a run between words) is whitespace only, as ``\\s`` reads it."""
-    return not gap.strip(_ASCII_SPACES) if ascii_text else _SPACES.fullmatch(gap) is not None
+_ASCII_WORD_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz")
 
 
 _SIMPLE = regex.compile(r"\w+(?:\s+\w+)*")
@@ -56,14 +42,21 @@ def indexable(phrase: str) -> bool:
     return _SIMPLE.fullmatch(phrase.strip()) is not None and UNSPACED.search(phrase) is None
 
 
+def _begins_any(words: tuple[str, ...], prefix: str) -> bool:
+    """Whether one of ``words`` (sorted) begins with ``prefix``: the least one not below it would."""
+    at = bisect_left(words, prefix)
+    return at < len(words) and words[at].startswith(prefix)
+
+
 class _Node:
     """The phrases that go on after some words: a phrase ending here, and the words that may come next."""
 
-    __slots__ = ("label", "next")
+    __slots__ = ("label", "next", "sorted")
 
     def __init__(self) -> None:
-        self.label: str | None = None  # the phrase that ends here, if one does
-        self.next: dict[str, _Node] = {}  # folded next word: what goes on after it
+        self.label: str | None = None  # the phrase that ends here (as written in the rule), if one does
+        self.next: dict[str, _Node] | None = None  # folded next word: what goes on after it (None: nothing)
+        self.sorted: tuple[str, ...] = ()  # the next words, sorted: which a word in progress may become
 
 
 class PhraseIndex:
@@ -71,22 +64,30 @@ class PhraseIndex:
 
     def __init__(self, phrases: Iterable[str]) -> None:
         self.first: dict[str, _Node] = {}
-        # Every prefix of every first word: what a word the text stops in may become, and start a
-        # phrase (one already going on there is held from its start; see PhraseChecker._rest).
-        self.prefixes: set[str] = set()
+        spelled: dict[str, str] = {}  # one string per word: the index is read after every delta, so smaller is faster
         for phrase in phrases:
-            words = [word.casefold() for word in phrase.split()]
+            words = [spelled.setdefault(folded, folded) for folded in map(str.casefold, phrase.split())]
             node = self.first.get(words[0])
             if node is None:
                 node = self.first[words[0]] = _Node()
             for word in words[1:]:
+                if node.next is None:
+                    node.next = {}
                 child = node.next.get(word)
                 if child is None:
                     child = node.next[word] = _Node()
                 node = child
             if node.label is None:  # (phrases folding to the same words: the first one names them)
-                node.label = f"phrase {phrase!r}"
-            self.prefixes.update(words[0][:end] for end in range(1, len(words[0]) + 1))
+                node.label = phrase
+        # The first words, sorted: what a word the text stops in may become, and start a phrase
+        # (one already going on there is held from its start; see PhraseChecker._rest).
+        self.sorted_first = tuple(sorted(self.first))
+        nodes = list(self.first.values())
+        while nodes:
+            node = nodes.pop()
+            if node.next is not None:
+                node.sorted = tuple(sorted(node.next))
+                nodes.extend(node.next.values())
 
     def checker(self) -> PhraseChecker:
         return PhraseChecker(self)
@@ -105,32 +106,40 @@ class PhraseChecker:
 
     def feed(self, text: str) -> Verdict:
         self._tail += text
-        return self._scan(final=False)
+        return self._scan(False)
 
     def finish(self) -> Verdict:
-        return self._scan(final=True)
+        return self._scan(True)
 
-    def _scan(self, *, final: bool) -> Verdict:
+    def _scan(self, final: bool) -> Verdict:
         tail = self._tail
         end = len(tail)
         hits: list[Hit] | None = None
         resume = end  # where the next scan starts: the last word, if the text may still continue it
         held = end
+        # Nearly all text is ASCII: there \w, \s and case folding are spelled out for the cheaper
+        # tools (the re module, str.lower, str.strip), which agree with the general ones there.
         ascii_text = tail.isascii()
-        tokens: list[str] = (_ASCII_TOKENS if ascii_text else _TOKENS).findall(tail)
+        tokens: list[str]
+        if ascii_text:
+            tokens = _ASCII_TOKENS.findall(tail)
+            word_first = tail[:1] in _ASCII_WORD_CHARS
+        else:
+            tokens = _TOKENS.findall(tail)
+            word_first = _WORD_CHAR.match(tail) is not None
         count = len(tokens)
         first = self._index.first
         # Words and the runs between them alternate: the first token's kind tells every token's.
         number = start = 0
-        if count and not _is_word(tokens[0], ascii_text):
+        if count and not word_first:
             number, start = 1, len(tokens[0])
         while number < count:
             token = tokens[number]
             stop = start + len(token)
-            word = _fold(token, ascii_text)
+            word = token.lower() if ascii_text else token.casefold()
             if stop == end and not final:
                 resume = start
-                if word in self._index.prefixes:
+                if word in first or _begins_any(self._index.sorted_first, word):
                     held = start  # it may grow into a phrase's first word
                 break
             node = first.get(word)
@@ -143,7 +152,7 @@ class PhraseChecker:
                     hit_end, label = found
                     if hits is None:
                         hits = []
-                    hits.append(Hit(self._base + start, self._base + hit_end, label))
+                    hits.append(Hit(self._base + start, self._base + hit_end, f"phrase {label!r}"))
             start = stop + len(tokens[number + 1]) if number + 1 < count else stop
             number += 2
         safe = self._base + held
@@ -167,29 +176,31 @@ class PhraseChecker:
         longest: tuple[int, str] | None = None if node.label is None else (at, node.label)
         count = len(tokens)
         between = number + 1
-        while node.next:
+        following = node.next
+        while following:
             if between >= count:  # the text stops right after the word
                 if longest is None and not final:
                     return -1
                 break
             gap = tokens[between]
-            if between + 1 >= count or not _is_space(gap, ascii_text):  # no word after whitespace only
+            spaces = not gap.strip(_ASCII_SPACES) if ascii_text else _SPACES.fullmatch(gap) is not None
+            if between + 1 >= count or not spaces:  # no word after whitespace only
                 if longest is None and not final and between + 1 >= count and gap.isspace():
                     return -1  # the text stops between the words
                 break
             token = tokens[between + 1]
             at += len(gap) + len(token)
-            got = _fold(token, ascii_text)
+            got = token.lower() if ascii_text else token.casefold()
             if between + 2 >= count and not final:  # the text stops inside the word
-                if longest is None:
-                    for word in node.next:
-                        if word.startswith(got):
-                            return -1
+                if longest is None and (got in following or _begins_any(node.sorted, got)):
+                    return -1
                 break
-            child = node.next.get(got)
+            child = following.get(got)
             if child is None:
                 break
-            node, between = child, between + 2
+            node = child
+            between += 2
             if node.label is not None:
                 longest = (at, node.label)
+            following = node.next
         return longest

@@ -363,24 +363,25 @@ class ChatStream:
 
     def rewrite(self, parsed: Parsed, texts: Mapping[int, str], ledger: Ledger, *, closing: bool = True) -> bytes:
         obj = parsed.data
-        if (
-            len(parsed.pieces) == 1
-            and parsed.pieces[0].path == _QUICK_PATH
-            and self.framing is Framing.SSE
-            and len(obj["choices"]) == 1
-            and obj["choices"][0].get("logprobs") is None
-            and not obj["choices"][0].get("finish_reason")
-        ):
-            # The quick path's chunk (one choice, content only): rebuilt directly, the common case.
-            text = texts.get(0, "")
+        pieces = parsed.pieces
+        # The quick path's chunk (one choice, content only, in a stream): rebuilt directly, the
+        # common case. (Its path names a delta, which only streams have.)
+        if len(pieces) == 1 and pieces[0].path == _QUICK_PATH and len(obj["choices"]) == 1:
             choice = obj["choices"][0]
-            index = choice.get("index", 0)
-            if text != parsed.pieces[0].text:
-                self._alter(index)
-            if not text:
-                return b""
-            out = {**obj, "choices": [{**choice, "delta": {"content": text}}]}
-            return b"data: " + jsontext.dump_bytes(out) + b"\n\n"  # (what encode_event writes for one line)
+            if choice.get("logprobs") is None and not choice.get("finish_reason"):
+                text = texts.get(0, "")
+                if text != pieces[0].text:
+                    self._alter(choice.get("index", 0))
+                if not text:
+                    return b""
+                # Written with the text in place of the original, which goes straight back: the
+                # event is this stream's own parse, and copying it would cost more than the writing.
+                delta = choice["delta"]
+                delta["content"] = text
+                try:
+                    return b"data: " + jsontext.dump_bytes(obj) + b"\n\n"  # (what encode_event writes for one line)
+                finally:
+                    delta["content"] = pieces[0].text
         replacements: dict[jsontext.Path, object] = {}
         for number, piece in enumerate(parsed.pieces):
             text = texts.get(number, "")
