@@ -104,25 +104,23 @@ class PhraseChecker:
         self._base = 0
         self._safe = 0
 
-    def feed(self, text: str) -> Verdict:
-        self._tail += text
-        return self._scan(False)
-
     def finish(self) -> Verdict:
-        return self._scan(True)
+        return self.feed("", final=True)
 
-    def _scan(self, final: bool) -> Verdict:
-        tail = self._tail
+    def feed(self, text: str, final: bool = False) -> Verdict:
+        """Scan the channel's next piece of text (``final``: the channel's text is complete)."""
+        self._tail = tail = self._tail + text
         end = len(tail)
         hits: list[Hit] | None = None
         resume = end  # where the next scan starts: the last word, if the text may still continue it
         held = end
         # Nearly all text is ASCII: there \w, \s and case folding are spelled out for the cheaper
-        # tools (the re module, str.lower, str.strip), which agree with the general ones there.
+        # tools (the re module, str.lower, str.strip), which agree with the general ones there;
+        # and lower keeps every length, so the whole text is folded at once.
         ascii_text = tail.isascii()
         tokens: list[str]
         if ascii_text:
-            tokens = _ASCII_TOKENS.findall(tail)
+            tokens = _ASCII_TOKENS.findall(tail.lower())
             word_first = tail[:1] in _ASCII_WORD_CHARS
         else:
             tokens = _TOKENS.findall(tail)
@@ -136,7 +134,7 @@ class PhraseChecker:
         while number < count:
             token = tokens[number]
             stop = start + len(token)
-            word = token.lower() if ascii_text else token.casefold()
+            word = token if ascii_text else token.casefold()
             if stop == end and not final:
                 resume = start
                 if word in first or _begins_any(self._index.sorted_first, word):
@@ -190,9 +188,9 @@ class PhraseChecker:
                 break
             token = tokens[between + 1]
             at += len(gap) + len(token)
-            got = token.lower() if ascii_text else token.casefold()
+            got = token if ascii_text else token.casefold()
             if between + 2 >= count and not final:  # the text stops inside the word
-                if longest is None and (got in following or _begins_any(node.sorted, got)):
+                if longest is None and _begins_any(node.sorted, got):
                     return -1
                 break
             child = following.get(got)

@@ -367,7 +367,7 @@ class ChatStream:
         # The quick path's chunk (one choice, content only, in a stream): rebuilt directly, the
         # common case. (Its path names a delta, which only streams have.)
         if len(pieces) == 1 and pieces[0].path == _QUICK_PATH and len(obj["choices"]) == 1:
-            choice = obj["choices"][0]
+            choice: dict[str, Any] = obj["choices"][0]
             if choice.get("logprobs") is None and not choice.get("finish_reason"):
                 text = texts.get(0, "")
                 if text != pieces[0].text:
@@ -376,7 +376,7 @@ class ChatStream:
                     return b""
                 # Written with the text in place of the original, which goes straight back: the
                 # event is this stream's own parse, and copying it would cost more than the writing.
-                delta = choice["delta"]
+                delta: dict[str, Any] = choice["delta"]
                 delta["content"] = text
                 try:
                     return b"data: " + jsontext.dump_bytes(obj) + b"\n\n"  # (what encode_event writes for one line)
