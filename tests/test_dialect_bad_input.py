@@ -131,3 +131,19 @@ def test_an_object_that_repeats_a_key_ends_the_stream_and_none_of_it_goes_out(
     assert KEY.encode() not in wire and wire.startswith(clean)
     assert any(isinstance(o, Anomaly) and o.kind is AnomalyKind.MALFORMED_EVENT for o in outputs)
     assert ended(outputs) is Outcome.UPSTREAM_ERROR
+
+
+def test_long_runs_of_backslashes_are_counted_right_and_in_one_pass() -> None:
+    """Quotes are told from escaped ones by the backslashes before them; an attacker's run of
+    200,000 (an event of 400 KB) is read in one pass, and a repeated key after it still found."""
+    for run in ("\\\\" * 100_000, "\\\\" * 100_000 + '\\"'):
+        text = f'data: {{"id":"c","choices":[{{"index":0,"delta":{{"content":"{run}"}}}}]}}\n\n'
+        wire, outputs = run_chat(text)
+        assert wire.startswith(text.encode()) and ended(outputs) is Outcome.COMPLETED
+        repeated = f'data: {{"id":"c","choices":[{{"index":0,"delta":{{"content":"{run}","content":"x"}}}}]}}\n\n'
+        wire, outputs = run_chat(repeated)
+        assert wire.count(b"\\") < 100 and ended(outputs) is Outcome.UPSTREAM_ERROR
+
+
+def run_chat(event: str) -> tuple[bytes, list[Output]]:
+    return run(StreamGuard([RULE], ChatStream()), event.encode(), b"data: [DONE]\n\n")
