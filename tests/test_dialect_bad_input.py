@@ -147,3 +147,12 @@ def test_long_runs_of_backslashes_are_counted_right_and_in_one_pass() -> None:
 
 def run_chat(event: str) -> tuple[bytes, list[Output]]:
     return run(StreamGuard([RULE], ChatStream()), event.encode(), b"data: [DONE]\n\n")
+
+
+def test_json_in_another_encoding_than_utf8_is_refused() -> None:
+    """The stdlib parser would read UTF-16 bytes, where the guard's byte-level reading of the event
+    (its quotes and backslashes) no longer holds: JSON on the wire is UTF-8, and nothing else is read."""
+    body = {"id": "c", "choices": [{"index": 0, "message": {"content": KEY}, "finish_reason": "stop"}]}
+    for encoding in ("utf-16-le", "utf-16", "utf-32"):
+        wire, outputs = run(StreamGuard([RULE], ChatStream(Framing.JSON)), json.dumps(body).encode(encoding))
+        assert KEY.encode(encoding) not in wire and ended(outputs) is Outcome.UPSTREAM_ERROR

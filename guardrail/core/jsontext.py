@@ -29,8 +29,8 @@ def loads(data: str | bytes) -> Any:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        try:  # accepts what orjson refuses, such as a lone surrogate escape
-            value = json.loads(data)
+        try:  # accepts what orjson refuses, such as a lone surrogate escape; as UTF-8 only, as JSON is sent
+            value = json.loads(data.decode() if isinstance(data, bytes) else data)
         except (ValueError, RecursionError) as exc:
             raise Malformed(f"not JSON: {type(exc).__name__}") from None
     if type(value) is dict or type(value) is list:
