@@ -10,7 +10,6 @@ is iterative, and what is written escapes the characters some clients split line
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -26,6 +25,8 @@ class Malformed(ValueError):
 def loads(data: str | bytes) -> Any:
     """Parse ``data``; raises :class:`Malformed` for invalid JSON, nesting the parsers refuse, or
     an object that repeats a key."""
+    if not isinstance(data, (str, bytes)):
+        data = bytes(data)  # (a bytearray or memoryview, read as the bytes it holds)
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -40,38 +41,29 @@ def loads(data: str | bytes) -> Any:
             written = orjson.dumps(value)
         except (orjson.JSONEncodeError, TypeError):
             written = dump_bytes(value)
-        strings = _delimiting_quotes(written) if _BACKSLASH in written else written.count(_QUOTE)
         if isinstance(data, str) and "\\" not in data:
             raw = data.count('"')
         else:
             raw = _delimiting_quotes(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
-        if raw != strings:
+        if raw != _delimiting_quotes(written):
             raise Malformed("JSON whose object repeats a key")
     return value
-
-
-_QUOTE, _BACKSLASH = ord('"'), ord("\\")  # (bytes methods take ints at C speed)
-# A quote after an odd run of backslashes, the run read from its start: one pass over the data.
-_ESCAPED_QUOTE = re.compile(rb'(?<!\\)(?:\\\\)*\\"')
-_COUNTED_RUNS = 8  # longer runs of backslashes before quotes go to _ESCAPED_QUOTE
 
 
 def _delimiting_quotes(data: bytes) -> int:
     """The quotes that begin or end a string in the JSON ``data``: all but those escaped.
 
-    A quote is escaped if an odd number of backslashes stands before it: those after at least
-    one backslash, less those after at least two, plus those after at least three... Each count
-    is one pass, so past a few backslashes in a row (an attacker's thousands) one regex pass
-    finds the odd runs instead.
+    A quote is escaped if an odd number of backslashes stands before it. With every pair of
+    backslashes taken out (a run is paired from its start, as escapes are read), an odd run
+    leaves one backslash before its quote and an even run none: two passes, however long the runs.
     """
     quotes = data.count(_QUOTE)
-    sign, run = -1, b'\\"'
-    while (after := data.count(run)) > 0:
-        if len(run) > _COUNTED_RUNS:
-            return data.count(_QUOTE) - len(_ESCAPED_QUOTE.findall(data))
-        quotes += sign * after
-        sign, run = -sign, b"\\" + run
+    if _BACKSLASH in data:
+        quotes -= data.replace(b"\\\\", b"").count(b'\\"')
     return quotes
+
+
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")  # (bytes methods take ints at C speed)
 
 
 def dumps(obj: object) -> str:
