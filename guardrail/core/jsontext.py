@@ -37,10 +37,7 @@ def loads(data: str | bytes) -> Any:
     if type(value) is dict or type(value) is list:
         # Written back out, the value holds each of its strings (keys included) once; ``data``
         # holds one more for every member a repeated key shadowed. Strings counted by quotes:
-        try:
-            written = orjson.dumps(value)
-        except (orjson.JSONEncodeError, TypeError):
-            written = dump_bytes(value)
+        written = dump_bytes(value)
         if isinstance(data, str) and "\\" not in data:
             raw = data.count('"')
         else:
